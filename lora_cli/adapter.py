@@ -1,0 +1,441 @@
+"""Adapter files, in the layout Hugging Face PEFT reads and writes.
+
+An adapter is a directory holding two files:
+
+    adapter_model.safetensors   the trained tensors, and nothing of the base
+    adapter_config.json         PEFT's LoRA fields, plus lora-cli's own under "lora_cli"
+
+Tensor keys (P = ``base_model.model.``, ``path`` a module's dotted path in the model):
+
+    P + path + ".lora_A.weight"        (r, in)     Linear / Conv1D
+    P + path + ".lora_B.weight"        (out, r)
+    P + path + ".lora_embedding_A"     (r, num)    Embedding
+    P + path + ".lora_embedding_B"     (dim, r)
+    P + path + ".base_layer.bias"      trained bias of an adapted layer (PEFT's name)
+    P + path + ".bias"                 trained bias of any other module
+    P + path + "." + tensor            every tensor of a ``modules_to_save`` module
+
+lora-cli's metadata (tool version, each adapted module's layout, the fingerprint of the
+base it was trained on, and what the caller adds: the model spec, task, label map) sits
+under the ``lora_cli`` key of adapter_config.json. The whole config is also stored in the
+safetensors header, so the ``.safetensors`` file alone, renamed or moved, is a complete
+adapter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import __version__
+from .errors import AdapterError
+from .inject import (LoraSpec, get_spec, inject, lora_layers, name_matches, trainable_biases)
+from .layers import LoraEmbedding, lora_scaling
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+PREFIX = "base_model.model."
+HEADER_KEY = "adapter_config"
+LORA_SUFFIXES = {  # tensor-key suffix -> (factor, layout family)
+    ".lora_A.weight": ("A", "linear"), ".lora_B.weight": ("B", "linear"),
+    ".lora_embedding_A": ("A", "embedding"), ".lora_embedding_B": ("B", "embedding"),
+}
+
+
+# --- fingerprint ----------------------------------------------------------------------
+
+def _sample_hash(t: torch.Tensor, samples: int = 1024) -> str:
+    """A short hash of up to ``samples`` evenly spaced elements: cheap on any size, and
+    enough to tell one trained base from another (not to find a single flipped weight)."""
+    flat = t.detach().reshape(-1)
+    if flat.numel() > samples:
+        idx = torch.linspace(0, flat.numel() - 1, samples, device=flat.device).long()
+        flat = flat[idx]
+    raw = flat.cpu().contiguous().view(torch.uint8) if flat.numel() else torch.empty(0, dtype=torch.uint8)
+    return hashlib.sha256(bytes(raw.tolist())).hexdigest()[:16]
+
+
+def fingerprint(tensors: Iterable[tuple[str, torch.Tensor]], trained: Iterable[str] = ()) -> dict:
+    """Per base tensor ``"shape|dtype|hash"``; tensors in ``trained`` change during training
+    (modules_to_save, biases), so only their shape and dtype are recorded."""
+    trained = set(trained)
+    records = {}
+    for name, t in tensors:
+        shape = "x".join(str(s) for s in t.shape)
+        dtype = str(t.dtype).removeprefix("torch.")
+        records[name] = f"{shape}|{dtype}|{'-' if name in trained else _sample_hash(t)}"
+    digest = hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest()[:16]
+    return {"digest": digest, "tensors": dict(sorted(records.items()))}
+
+
+def fingerprint_mismatches(expected: Mapping, tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+    """What differs between a recorded fingerprint and a base: [] when it is the same base.
+
+    A tensor present on one side only is accepted when it duplicates one the other side
+    has (tied weights are often stored once).
+    """
+    want: dict[str, str] = dict(expected.get("tensors", {}))
+    have = {}
+    for name, t in tensors:
+        known = want.get(name, "")
+        have[name] = fingerprint([(name, t)], trained=[name] if known.endswith("|-") else [])["tensors"][name]
+    problems = []
+    for name in sorted(set(want) & set(have)):
+        if want[name] != have[name]:
+            w, h = want[name].split("|"), have[name].split("|")
+            what = "shape" if w[0] != h[0] else "dtype" if w[1] != h[1] else "values"
+            problems.append(f"{name}: {what} differ ({want[name]} vs {have[name]})")
+    have_values, want_values = set(have.values()), set(want.values())
+    problems += [f"{n}: missing from the base" for n in sorted(set(want) - set(have)) if want[n] not in have_values]
+    problems += [f"{n}: not in the adapter's base" for n in sorted(set(have) - set(want)) if have[n] not in want_values]
+    return problems
+
+
+def _base_tensors(model: nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
+    lora = {id(p) for layer in lora_layers(model).values() for p in layer.parameters(recurse=False)
+            if p is not layer.weight and p is not layer.bias}
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) not in lora:
+            yield name, t
+
+
+# --- the adapter in memory ------------------------------------------------------------
+
+@dataclass
+class LowRankUpdate:
+    """One module's update ``s * B @ A``, in the layout of its base weight."""
+
+    A: torch.Tensor        # (r, in) or, for embeddings, (r, num)
+    B: torch.Tensor        # (out, r) or (dim, r)
+    scaling: float
+    layout: str            # "linear": W (out, in); "conv1d": W (in, out); "embedding": E (num, dim)
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[0])
+
+    def delta(self) -> torch.Tensor:
+        """s * B @ A in float32, transposed for Conv1D and embeddings."""
+        d = (self.B.float() @ self.A.float()) * self.scaling   # (out, in) / (dim, num)
+        return d if self.layout == "linear" else d.t()
+
+    def weight_shape(self) -> tuple[int, int]:
+        out, inp = int(self.B.shape[0]), int(self.A.shape[1])
+        return (out, inp) if self.layout == "linear" else (inp, out)
+
+
+@dataclass
+class Adapter:
+    """An adapter read from disk: its config and tensors, organised for loading and merging."""
+
+    config: dict
+    updates: dict[str, LowRankUpdate]                     # module path -> update
+    replacements: dict[str, torch.Tensor] = field(default_factory=dict)  # base key -> new tensor
+    source: str = ""
+
+    @property
+    def meta(self) -> dict:
+        """lora-cli's own metadata ({} for an adapter written by another tool)."""
+        return self.config.get("lora_cli") or {}
+
+
+# --- saving ---------------------------------------------------------------------------
+
+def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors an adapter file holds, under PEFT's keys (CPU, contiguous)."""
+    spec = _require_spec(model)
+    out: dict[str, torch.Tensor] = {}
+    layers = lora_layers(model)
+    for path, layer in layers.items():
+        if isinstance(layer, LoraEmbedding):
+            out[f"{PREFIX}{path}.lora_embedding_A"] = layer.lora_embedding_A
+            out[f"{PREFIX}{path}.lora_embedding_B"] = layer.lora_embedding_B
+        else:
+            out[f"{PREFIX}{path}.lora_A.weight"] = layer.lora_A
+            out[f"{PREFIX}{path}.lora_B.weight"] = layer.lora_B
+    for path, module in trainable_biases(model, spec).items():
+        key = f"{path}.base_layer.bias" if path in layers else f"{path}.bias"
+        out[PREFIX + key] = module.bias
+    for path in spec.modules_to_save:
+        for name, t in model.get_submodule(path).state_dict().items():
+            out[f"{PREFIX}{path}.{name}"] = t
+    return {k: v.detach().cpu().contiguous() for k, v in out.items()}
+
+
+def _peft_target_modules(model: nn.Module, targets: list[str]) -> list[str]:
+    """The shortest PEFT target list that selects exactly ``targets``: leaf names when
+    they pick no other module, else the full paths."""
+    leaves = sorted({t.rsplit(".", 1)[-1] for t in targets})
+    picked = {p for p, _ in model.named_modules() if p and any(name_matches(p, leaf) for leaf in leaves)}
+    return leaves if picked == set(targets) else list(targets)
+
+
+def adapter_config(model: nn.Module, *, base_model_name_or_path: str | None = None,
+                   task_type: str | None = None, metadata: Mapping | None = None) -> dict:
+    """adapter_config.json for ``model``: PEFT's LoRA fields plus lora-cli's metadata."""
+    spec = _require_spec(model)
+    layers = lora_layers(model)
+    layouts = {p: "embedding" if isinstance(m, LoraEmbedding) else ("conv1d" if m.fan_in_fan_out else "linear")
+               for p, m in layers.items()}
+    saved_biases = set(trainable_biases(model, spec))
+    trained = [f"{p}.bias" for p in saved_biases]
+    trained += [f"{p}.{n}" for p in spec.modules_to_save for n in model.get_submodule(p).state_dict()]
+    ranks = {p: m.rank for p, m in layers.items()}
+    return {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": spec.rank,
+        "lora_alpha": spec.alpha,
+        "lora_dropout": spec.dropout,
+        "target_modules": _peft_target_modules(model, spec.targets),
+        "exclude_modules": None,
+        "use_rslora": spec.use_rslora,
+        "fan_in_fan_out": any(v == "conv1d" for v in layouts.values()),
+        "bias": spec.bias,
+        "modules_to_save": list(spec.modules_to_save) or None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "rank_pattern": {p: r for p, r in ranks.items() if r != spec.rank},
+        "alpha_pattern": {},
+        "use_dora": False,
+        "lora_cli": {
+            "version": __version__,
+            "modules": layouts,
+            "fingerprint": fingerprint(_base_tensors(model), trained=trained),
+            **(metadata or {}),
+        },
+    }
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, *, metadata: Mapping | None = None,
+                 base_model_name_or_path: str | None = None, task_type: str | None = None) -> Path:
+    """Write the adapter of ``model`` to ``directory`` (created, or replaced whole).
+
+    The directory is written beside its final place and renamed in, so it is either the
+    complete new adapter or the previous one, never half-written.
+    """
+    from safetensors.torch import save_file
+
+    _require_spec(model)
+    if any(layer.merged for layer in lora_layers(model).values()):
+        raise AdapterError("cannot save an adapter while it is merged into the base weights",
+                           fix="call unmerge() on the LoRA layers first")
+    config = adapter_config(model, base_model_name_or_path=base_model_name_or_path,
+                            task_type=task_type, metadata=metadata)
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        save_file(adapter_tensors(model), tmp / WEIGHTS_NAME,
+                  metadata={"format": "pt", HEADER_KEY: json.dumps(config)})
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        for f in tmp.iterdir():
+            _fsync(f)
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            directory.rename(old)
+            tmp.rename(directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def _require_spec(model: nn.Module) -> LoraSpec:
+    spec = get_spec(model)
+    if spec is None:
+        raise AdapterError("this model has no LoRA adapter", fix="call apply_lora() or load_adapter() first")
+    return spec
+
+
+# --- reading --------------------------------------------------------------------------
+
+def read_adapter(path: str | os.PathLike) -> Adapter:
+    """Read an adapter directory, or its ``.safetensors`` file alone (the config then
+    comes from the file's header)."""
+    from safetensors import SafetensorError
+    from safetensors import safe_open
+
+    path = Path(path)
+    if path.is_dir():
+        weights, config_file = path / WEIGHTS_NAME, path / CONFIG_NAME
+        if not weights.exists():
+            alt = path / "adapter_model.bin"
+            hint = " (a PEFT .bin adapter: re-save it with safetensors)" if alt.exists() else ""
+            raise AdapterError(f"no {WEIGHTS_NAME} in this directory{hint}", where=str(path),
+                               fix="point to a directory written by lora-train or PEFT's save_pretrained")
+    elif path.is_file():
+        weights, config_file = path, path.with_name(CONFIG_NAME)
+    else:
+        raise AdapterError("adapter not found", where=str(path),
+                           fix="give an adapter directory or its adapter_model.safetensors file")
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise AdapterError(f"cannot read the adapter weights: {exc}", where=str(weights),
+                           fix="the file is truncated or not safetensors; save the adapter again") from None
+    if HEADER_KEY in header:
+        config = _parse_json(header[HEADER_KEY], f"{weights} (header)")
+    elif config_file.exists():
+        config = _parse_json(config_file.read_text(), str(config_file))
+    else:
+        raise AdapterError(f"no adapter config: neither {CONFIG_NAME} beside it nor one in its header",
+                           where=str(weights), fix=f"keep {CONFIG_NAME} next to the weights")
+    return parse_adapter(config, tensors, source=str(path))
+
+
+def _parse_json(text: str, where: str) -> dict:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise AdapterError(f"adapter config is not valid JSON: {exc}", where=where) from None
+    if not isinstance(data, dict):
+        raise AdapterError("adapter config is not a JSON object", where=where)
+    return data
+
+
+def _pattern_value(patterns: Mapping, path: str, default):
+    """A rank/alpha pattern lookup as PEFT does it: the first key whose name matches."""
+    for key, value in (patterns or {}).items():
+        if name_matches(path, key):
+            return value
+    return default
+
+
+def parse_adapter(config: dict, tensors: Mapping[str, torch.Tensor], *, source: str = "") -> Adapter:
+    """Sort an adapter's tensors into low-rank updates and whole-tensor replacements."""
+    if config.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(f"not a LoRA adapter (peft_type {config.get('peft_type')!r})", where=source)
+    for flag in ("use_dora",):
+        if config.get(flag):
+            raise AdapterError(f"adapters with {flag}=true are not supported", where=source,
+                               fix="merge it with PEFT, or train a plain LoRA adapter")
+    layouts = (config.get("lora_cli") or {}).get("modules", {})
+    fan_in_fan_out = bool(config.get("fan_in_fan_out"))
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    families: dict[str, str] = {}
+    replacements: dict[str, torch.Tensor] = {}
+    for key, t in tensors.items():
+        if not key.startswith(PREFIX):
+            raise AdapterError(f"unexpected tensor key {key!r} (adapter keys start with {PREFIX!r})", where=source)
+        rest = key[len(PREFIX):]
+        for suffix, (factor, family) in LORA_SUFFIXES.items():
+            if rest.endswith(suffix):
+                path = rest[: -len(suffix)]
+                factors.setdefault(path, {})[factor] = t
+                families[path] = family
+                break
+        else:
+            replacements[rest.replace(".base_layer.bias", ".bias")] = t
+    alpha, rank = config.get("lora_alpha", 8), config.get("r", 8)
+    updates = {}
+    for path, pair in factors.items():
+        if set(pair) != {"A", "B"}:
+            raise AdapterError(f"module '{path}' has lora_{'A' if 'A' in pair else 'B'} but not its pair",
+                               where=source)
+        A, B = pair["A"], pair["B"]
+        r = int(A.shape[0])
+        if A.dim() != 2 or B.dim() != 2 or B.shape[1] != r:
+            raise AdapterError(f"module '{path}': lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} "
+                               "do not form a low-rank pair", where=source)
+        expected_r = _pattern_value(config.get("rank_pattern"), path, rank)
+        if r != expected_r:
+            raise AdapterError(f"module '{path}' has rank {r} but the config says r={expected_r}", where=source)
+        a = _pattern_value(config.get("alpha_pattern"), path, alpha)
+        layout = layouts.get(path) or (
+            "embedding" if families[path] == "embedding" else "conv1d" if fan_in_fan_out else "linear")
+        updates[path] = LowRankUpdate(A=A, B=B, scaling=lora_scaling(r, a, bool(config.get("use_rslora"))),
+                                      layout=layout)
+    if not updates:
+        raise AdapterError("the adapter holds no LoRA tensors", where=source)
+    return Adapter(config=config, updates=updates, replacements=replacements, source=source)
+
+
+# --- loading into a model -------------------------------------------------------------
+
+def check_fingerprint(adapter: Adapter, tensors: Iterable[tuple[str, torch.Tensor]], where: str = "") -> None:
+    """Raise AdapterError if ``tensors`` are not the base the adapter was trained on."""
+    recorded = adapter.meta.get("fingerprint")
+    if not recorded:
+        return   # written by another tool: shapes are still checked on load
+    problems = fingerprint_mismatches(recorded, tensors)
+    if problems:
+        shown = "\n".join(f"  {p}" for p in problems[:8])
+        more = f"\n  ... and {len(problems) - 8} more" if len(problems) > 8 else ""
+        raise AdapterError(
+            f"this adapter was trained on a different base ({len(problems)} tensors differ):\n{shown}{more}",
+            where=where or adapter.source,
+            fix="use the base the adapter was trained on, or pass --ignore-fingerprint to accept the mismatch",
+        )
+
+
+def load_adapter(model: nn.Module, path_or_adapter, *, check_base: bool = True) -> nn.Module:
+    """Inject LoRA into ``model`` as the adapter's config says and load its tensors.
+
+    Strict: every adapted module must exist with the shapes the adapter expects, every
+    tensor in the file must find its place, and (unless ``check_base`` is false) the
+    model's base weights must match the fingerprint recorded at save time.
+    """
+    adapter = path_or_adapter if isinstance(path_or_adapter, Adapter) else read_adapter(path_or_adapter)
+    where = adapter.source
+    if check_base:
+        check_fingerprint(adapter, _base_tensors(model), where)
+    modules = dict(model.named_modules())
+    for path, update in adapter.updates.items():
+        module = modules.get(path)
+        if module is None:
+            raise AdapterError(f"the model has no module '{path}' that the adapter adapts", where=where,
+                               fix="load the adapter into the model it was trained for")
+        weight = getattr(module, "weight", None)
+        if weight is None or tuple(weight.shape) != update.weight_shape():
+            got = tuple(weight.shape) if weight is not None else type(module).__name__
+            raise AdapterError(f"module '{path}' is {got}, the adapter expects a weight of "
+                               f"{update.weight_shape()}", where=where,
+                               fix="load the adapter into the model it was trained for")
+    config = adapter.config
+    saved = []
+    for name in config.get("modules_to_save") or []:   # exact paths from lora-cli, names from PEFT
+        saved += [name] if name in modules else [p for p in modules if p and name_matches(p, name)]
+    spec = LoraSpec(rank=int(config.get("r", 8)), alpha=float(config.get("lora_alpha", 8)),
+                    dropout=float(config.get("lora_dropout", 0.0)), use_rslora=bool(config.get("use_rslora")),
+                    bias=config.get("bias", "none"), targets=list(adapter.updates), modules_to_save=saved)
+    state = model.state_dict(keep_vars=True)
+    for key, t in adapter.replacements.items():
+        if key not in state:
+            raise AdapterError(f"the adapter holds '{key}', which the model does not have", where=where)
+        if tuple(state[key].shape) != tuple(t.shape):
+            raise AdapterError(f"'{key}' is {tuple(state[key].shape)} in the model but {tuple(t.shape)} "
+                               "in the adapter", where=where)
+    inject(model, spec, ranks={p: u.rank for p, u in adapter.updates.items()})
+    layers = lora_layers(model)
+    with torch.no_grad():
+        for path, update in adapter.updates.items():
+            layer = layers[path]
+            a, b = ("lora_embedding_A", "lora_embedding_B") if isinstance(layer, LoraEmbedding) else ("lora_A", "lora_B")
+            getattr(layer, a).copy_(update.A)
+            getattr(layer, b).copy_(update.B)
+            layer.scaling = update.scaling
+        for key, t in adapter.replacements.items():
+            state[key].copy_(t)
+    return model

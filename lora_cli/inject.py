@@ -1,0 +1,301 @@
+"""Targeting and injection: which modules get LoRA, swapping them in, freezing the rest.
+
+``target_modules`` is one of
+  * a list of names: a name matches a module whose dotted path equals it or ends with
+    ``.name`` (``"q_proj"`` matches ``layers.0.self_attn.q_proj``);
+  * a regex string, matched in full against the dotted path;
+  * ``"all-linear"``: every Linear (and GPT-2 Conv1D) except the output head.
+
+``exclude_modules`` (names, same matching) removes modules from the match. A name that
+matches nothing is an error that lists what the model does have.
+
+After injection only the LoRA tensors, and what the user asked for (``bias``,
+``modules_to_save``), require grad. Base tensors keep their state-dict names.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .errors import TargetError
+from .layers import LoraEmbedding, LoraLayer, LoraLinear, is_adaptable, is_linear, wrap
+
+ALL_LINEAR = "all-linear"
+HEAD_NAMES = ("lm_head", "head", "classifier", "score", "output")
+BIAS_CHOICES = ("none", "all", "lora_only")
+SPEC_ATTR = "_lora_cli_spec"
+
+
+@dataclass
+class LoraSpec:
+    """How a model was adapted: the options, and the module paths they resolved to."""
+
+    rank: int
+    alpha: float
+    dropout: float = 0.0
+    use_rslora: bool = False
+    bias: str = "none"
+    targets: list[str] = field(default_factory=list)          # adapted module paths
+    modules_to_save: list[str] = field(default_factory=list)  # fully trained module paths
+
+
+@dataclass
+class AdaptedModule:
+    """One row of the adaptation report."""
+
+    name: str
+    kind: str              # "linear", "conv1d", "embedding", or "full" (modules_to_save)
+    shape: tuple[int, ...]
+    rank: int | None
+    trainable: int         # trainable parameters this module adds
+
+
+@dataclass
+class AdaptSummary:
+    """Trainable vs total parameters and the per-module table, for the CLI to render."""
+
+    trainable: int
+    total: int
+    modules: list[AdaptedModule]
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+
+# --- matching -------------------------------------------------------------------------
+
+def name_matches(path: str, name: str) -> bool:
+    """A list entry matches a module whose path equals it or ends with ``.name``."""
+    return path == name or path.endswith("." + name)
+
+
+def output_head(model: nn.Module) -> str | None:
+    """The output head's path: ``get_output_embeddings()`` if the model has it, else a
+    top-level last child named like a head (lm_head, head, classifier, score, output)."""
+    getter = getattr(model, "get_output_embeddings", None)
+    if callable(getter):
+        head = getter()
+        if head is not None:
+            for path, module in model.named_modules():
+                if module is head:
+                    return path
+    children = list(model.named_children())
+    if children and children[-1][0] in HEAD_NAMES:
+        return children[-1][0]
+    return None
+
+
+def adaptable_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every module LoRA can adapt (Linear, Conv1D, Embedding), by dotted path."""
+    return {path: m for path, m in model.named_modules() if path and is_adaptable(m)}
+
+
+def _overview(paths: Iterable[str]) -> str:
+    """'q_proj (x4), k_proj (x4), ...' with one full path as an example."""
+    paths = list(paths)
+    if not paths:
+        return "none"
+    counts = Counter(p.rsplit(".", 1)[-1] for p in paths)
+    leaves = ", ".join(f"{leaf} (x{n})" if n > 1 else leaf for leaf, n in counts.items())
+    return f"{leaves}; full paths look like '{paths[-1]}'"
+
+
+def resolve_targets(model: nn.Module, target_modules: str | Sequence[str],
+                    exclude_modules: Sequence[str] = ()) -> list[str]:
+    """The module paths that ``target_modules`` selects, minus ``exclude_modules``.
+
+    Raises TargetError when a pattern matches nothing, or matches a module type LoRA
+    cannot adapt, listing the adaptable modules the model has.
+    """
+    adaptable = adaptable_modules(model)
+    if isinstance(target_modules, str) and target_modules == ALL_LINEAR:
+        head = output_head(model)
+        chosen = [p for p, m in adaptable.items() if is_linear(m) and p != head]
+        if not chosen:
+            raise TargetError(
+                "target_modules 'all-linear' found no Linear layers besides the output head",
+                where="lora.target_modules",
+                fix=f"name the modules to adapt; adaptable modules: {_overview(adaptable)}",
+            )
+    elif isinstance(target_modules, str):
+        try:
+            pattern = re.compile(target_modules)
+        except re.error as exc:
+            raise TargetError(f"invalid regex {target_modules!r}: {exc}", where="lora.target_modules") from None
+        matched = [p for p, _ in model.named_modules() if p and pattern.fullmatch(p)]
+        _refuse_unadaptable(model, matched, adaptable, repr(target_modules))
+        chosen = matched
+        if not chosen:
+            raise TargetError(
+                f"regex {target_modules!r} matches no module (it must match the whole dotted path)",
+                where="lora.target_modules",
+                fix=f"adaptable modules: {_overview(adaptable)}",
+            )
+    else:
+        chosen = []
+        for name in target_modules:
+            matched = [p for p, _ in model.named_modules() if p and name_matches(p, name)]
+            if not matched:
+                raise TargetError(
+                    f"target {name!r} matches no module",
+                    where="lora.target_modules",
+                    fix=f"adaptable modules: {_overview(adaptable)}",
+                )
+            _refuse_unadaptable(model, matched, adaptable, repr(name))
+            chosen += [p for p in matched if p not in chosen]
+    for name in exclude_modules:
+        if not any(name_matches(p, name) for p in chosen):
+            raise TargetError(f"exclude {name!r} matches none of the targeted modules",
+                              where="lora.exclude_modules",
+                              fix=f"targeted modules: {_overview(chosen)}")
+    chosen = [p for p in chosen if not any(name_matches(p, name) for name in exclude_modules)]
+    if not chosen:
+        raise TargetError("exclude_modules removed every targeted module", where="lora.exclude_modules")
+    order = {p: i for i, p in enumerate(adaptable)}
+    return sorted(chosen, key=order.__getitem__)
+
+
+def _refuse_unadaptable(model: nn.Module, matched: list[str], adaptable: dict, what: str) -> None:
+    bad = [p for p in matched if p not in adaptable]
+    if bad:
+        kind = type(model.get_submodule(bad[0])).__name__
+        raise TargetError(
+            f"target {what} matches '{bad[0]}', a {kind}; LoRA adapts Linear, Conv1D and Embedding layers",
+            where="lora.target_modules",
+            fix=f"adaptable modules: {_overview(adaptable)}",
+        )
+
+
+def resolve_modules_to_save(model: nn.Module, names: Sequence[str], targets: Sequence[str]) -> list[str]:
+    """Paths of the modules to train fully; each name must match, and none may be a target."""
+    paths: list[str] = []
+    for name in names:
+        matched = [p for p, _ in model.named_modules() if p and name_matches(p, name)]
+        if not matched:
+            children = ", ".join(n for n, _ in model.named_children())
+            raise TargetError(f"module {name!r} not found", where="lora.modules_to_save",
+                              fix=f"top-level modules: {children}")
+        for p in matched:
+            clash = [t for t in targets if t == p or t.startswith(p + ".") or p.startswith(t + ".")]
+            if clash:
+                raise TargetError(f"'{p}' is both trained fully and adapted by LoRA ('{clash[0]}')",
+                                  where="lora.modules_to_save",
+                                  fix="remove it from target_modules or from modules_to_save")
+            if p not in paths:
+                paths.append(p)
+    return paths
+
+
+# --- injection ------------------------------------------------------------------------
+
+def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
+    """The LoRA layers of a model, by dotted path."""
+    return {path: m for path, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+def get_spec(model: nn.Module) -> LoraSpec | None:
+    """The LoraSpec of an adapted model, or None for a plain one."""
+    return getattr(model, SPEC_ATTR, None)
+
+
+def apply_lora(model: nn.Module, *, rank: int, alpha: float,
+               target_modules: str | Sequence[str] = ALL_LINEAR, dropout: float = 0.0,
+               use_rslora: bool = False, bias: str = "none", modules_to_save: Sequence[str] = (),
+               exclude_modules: Sequence[str] = ()) -> nn.Module:
+    """Adapt ``model`` in place with LoRA and freeze everything else; returns it."""
+    targets = resolve_targets(model, target_modules, exclude_modules)
+    saved = resolve_modules_to_save(model, modules_to_save, targets)
+    spec = LoraSpec(rank=rank, alpha=alpha, dropout=dropout, use_rslora=use_rslora, bias=bias,
+                    targets=targets, modules_to_save=saved)
+    return inject(model, spec)
+
+
+def inject(model: nn.Module, spec: LoraSpec, ranks: dict[str, int] | None = None) -> nn.Module:
+    """Swap LoRA layers in at ``spec.targets`` (exact paths) and set requires_grad.
+
+    ``ranks`` optionally gives a per-module rank (adapters saved with rank patterns).
+    """
+    if get_spec(model) is not None or lora_layers(model):
+        raise TargetError("this model already has LoRA layers",
+                          fix="merge or remove the existing adapter before adding another")
+    if spec.bias not in BIAS_CHOICES:
+        raise TargetError(f"bias must be one of {', '.join(BIAS_CHOICES)}, got {spec.bias!r}", where="lora.bias")
+    for path in spec.targets:
+        module = model.get_submodule(path)
+        rank = (ranks or {}).get(path, spec.rank)
+        limit = min(module.weight.shape)
+        if rank > limit:
+            raise TargetError(f"rank {rank} is larger than '{path}' allows ({tuple(module.weight.shape)}: "
+                              f"at most {limit})", where="lora.rank",
+                              fix=f"use lora.rank <= {limit}, or exclude '{path}'")
+        layer = wrap(module, rank=rank, alpha=spec.alpha, dropout=spec.dropout, use_rslora=spec.use_rslora)
+        _set_submodule(model, path, layer)
+    _set_trainable(model, spec)
+    setattr(model, SPEC_ATTR, spec)
+    return model
+
+
+def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, leaf = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+def _set_trainable(model: nn.Module, spec: LoraSpec) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    layers = lora_layers(model)
+    for layer in layers.values():
+        for p in lora_parameters(layer):
+            p.requires_grad_(True)
+    for path, module in trainable_biases(model, spec).items():
+        module.bias.requires_grad_(True)
+    for path in spec.modules_to_save:
+        for p in model.get_submodule(path).parameters():
+            p.requires_grad_(True)
+
+
+def lora_parameters(layer: LoraLayer) -> list[nn.Parameter]:
+    """The low-rank factors of one LoRA layer (A first, then B)."""
+    if isinstance(layer, LoraEmbedding):
+        return [layer.lora_embedding_A, layer.lora_embedding_B]
+    assert isinstance(layer, LoraLinear), type(layer)
+    return [layer.lora_A, layer.lora_B]
+
+
+def trainable_biases(model: nn.Module, spec: LoraSpec) -> dict[str, nn.Module]:
+    """Modules whose bias is trained under ``spec.bias``: none, all, or LoRA layers only."""
+    if spec.bias == "none":
+        return {}
+    modules = lora_layers(model) if spec.bias == "lora_only" else dict(model.named_modules())
+    return {path: m for path, m in modules.items()
+            if isinstance(getattr(m, "bias", None), nn.Parameter)
+            and not any(path == s or path.startswith(s + ".") for s in spec.modules_to_save)}
+
+
+# --- the report -----------------------------------------------------------------------
+
+def summarize(model: nn.Module) -> AdaptSummary:
+    """Trainable and total parameter counts and one row per adapted or saved module."""
+    params = {id(p): p for p in model.parameters()}.values()
+    total = sum(p.numel() for p in params)
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    rows = []
+    for path, layer in lora_layers(model).items():
+        kind = "embedding" if isinstance(layer, LoraEmbedding) else \
+            ("conv1d" if layer.fan_in_fan_out else "linear")
+        count = sum(p.numel() for p in lora_parameters(layer))
+        rows.append(AdaptedModule(path, kind, tuple(layer.weight.shape), layer.rank, count))
+    spec = get_spec(model)
+    for path in spec.modules_to_save if spec else ():
+        module = model.get_submodule(path)
+        weight = getattr(module, "weight", None)
+        shape = tuple(weight.shape) if weight is not None else ()
+        rows.append(AdaptedModule(path, "full", shape, None, sum(p.numel() for p in module.parameters())))
+    return AdaptSummary(trainable=trainable, total=total, modules=rows)
+

@@ -1,0 +1,122 @@
+"""Folding adapters into base weights.
+
+For each adapted module, with adapters i = 1..n weighted w_i (1.0 for a single one):
+
+    W' = W + sum_i w_i * s_i * B_i @ A_i        (transposed for Conv1D and embeddings)
+
+computed in float32 and cast once to W's dtype; a non-finite result is an error.
+Tensors no adapter touches are passed through as the same objects (bit for bit), and
+``modules_to_save`` / trained-bias tensors replace theirs.
+
+Everything here works one tensor at a time (:func:`merge_tensor`), so a caller can
+stream a large checkpoint through it without holding two copies of the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .adapter import Adapter
+from .errors import AdapterError
+from .inject import SPEC_ATTR, lora_layers, _set_submodule
+
+
+def merge_adapter(model: nn.Module) -> nn.Module:
+    """Fold every LoRA layer of ``model`` into its base weight and put the plain module
+    back in its place; returns the model, which then has no LoRA modules left."""
+    for path, layer in lora_layers(model).items():
+        layer.merge()
+        module = layer.unload()
+        for p in module.parameters():
+            p.requires_grad_(False)
+        _set_submodule(model, path, module)
+    if hasattr(model, SPEC_ATTR):
+        delattr(model, SPEC_ATTR)
+    return model
+
+
+class Merger:
+    """Merges one or more adapters into base tensors, one tensor at a time.
+
+    ``check(shapes)`` verifies up front that every adapted module and every replaced
+    tensor exists in the base with the right shape; ``__call__(key, tensor)`` returns the
+    merged tensor (the input object itself when nothing changes it).
+    """
+
+    def __init__(self, adapters: Sequence[Adapter], weights: Sequence[float] | None = None):
+        if not adapters:
+            raise ValueError("Merger needs at least one adapter")
+        weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
+        if len(weights) != len(adapters):
+            raise AdapterError(f"{len(weights)} weights given for {len(adapters)} adapters",
+                               where="--weights", fix="give one weight per adapter")
+        self.adapters, self.weights = list(adapters), weights
+        self.updates: dict[str, list] = {}        # base key -> [(weight, update), ...]
+        self.replacements: dict[str, torch.Tensor] = {}
+        for adapter, w in zip(self.adapters, weights):
+            for path, update in adapter.updates.items():
+                self.updates.setdefault(f"{path}.weight", []).append((w, update))
+            for key, t in adapter.replacements.items():
+                if key in self.replacements:
+                    raise AdapterError(f"two adapters both replace '{key}' (modules_to_save or bias)",
+                                       where=adapter.source, fix="merge them one at a time")
+                self.replacements[key] = t
+        clash = set(self.updates) & set(self.replacements)
+        if clash:
+            raise AdapterError(f"'{sorted(clash)[0]}' is both adapted and replaced", where=self.adapters[0].source)
+
+    def check(self, shapes: Mapping[str, Sequence[int]], where: str = "") -> None:
+        """Every target must exist in the base with the shape the adapter expects."""
+        problems = []
+        for key, items in self.updates.items():
+            for _, update in items:
+                if key not in shapes:
+                    problems.append(f"'{key}' is not in the base")
+                elif tuple(shapes[key]) != update.weight_shape():
+                    problems.append(f"'{key}' is {tuple(shapes[key])} in the base, "
+                                    f"the adapter expects {update.weight_shape()}")
+        for key, t in self.replacements.items():
+            if key not in shapes:
+                problems.append(f"'{key}' is not in the base")
+            elif tuple(shapes[key]) != tuple(t.shape):
+                problems.append(f"'{key}' is {tuple(shapes[key])} in the base, {tuple(t.shape)} in the adapter")
+        if problems:
+            shown = "\n".join(f"  {p}" for p in problems[:8])
+            raise AdapterError(f"the adapter does not fit this base:\n{shown}", where=where,
+                               fix="merge into the base the adapter was trained on")
+
+    def touches(self, key: str) -> bool:
+        return key in self.updates or key in self.replacements
+
+    def __call__(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
+        if key in self.replacements:
+            return self.replacements[key].to(dtype=tensor.dtype, device=tensor.device)
+        items = self.updates.get(key)
+        if not items:
+            return tensor
+        merged = tensor.float()
+        if merged is tensor:
+            merged = merged.clone()   # never write into the caller's tensor
+        for w, update in items:
+            merged.add_(update.delta().to(merged.device), alpha=w)
+        if not torch.isfinite(merged).all():
+            raise AdapterError(f"merging into '{key}' gave non-finite values",
+                               fix="the adapter has diverged weights; check its training loss")
+        return merged.to(tensor.dtype)
+
+
+def merge_state_dict(base: Mapping[str, torch.Tensor], adapters: Adapter | Sequence[Adapter],
+                     weights: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
+    """A new state dict with the adapters folded in; ``base`` is left unchanged."""
+    adapters = [adapters] if isinstance(adapters, Adapter) else list(adapters)
+    merger = Merger(adapters, weights)
+    merger.check({k: tuple(v.shape) for k, v in base.items()})
+    return {key: merger(key, t) for key, t in base.items()}
+
+
+def largest_change(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """max |W' - W| over (before, after) pairs, in float32."""
+    return max((float((a.float() - b.float()).abs().max()) for b, a in pairs if b.numel()), default=0.0)
