@@ -1,0 +1,161 @@
+"""Everything the terminal shows: progress, tables, errors. The only module using rich.
+
+Library code returns values; the CLI hands them to the ``show_*`` functions here. When
+stdout is not a terminal (CI, a log file) progress becomes plain log lines.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _num(x) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, int):
+        return f"{x:,}"
+    return f"{x:.4g}"
+
+
+def show_error(exc: Exception) -> None:
+    """One red message: what, where, and how to fix it. No traceback."""
+    what = getattr(exc, "what", str(exc))
+    where = getattr(exc, "where", None)
+    fix = getattr(exc, "fix", None)
+    err.print(f"[bold red]error:[/] {where + ': ' if where else ''}{what}", markup=True, soft_wrap=True)
+    if fix:
+        err.print(f"[yellow]  fix:[/] {fix}", soft_wrap=True)
+
+
+def show_note(text: str) -> None:
+    err.print(f"[yellow]note:[/] {text}", soft_wrap=True)
+
+
+def show_summary(summary, title: str = "LoRA adapters") -> None:
+    """The adapted-modules table and trainable / total parameters."""
+    table = Table(title=title, title_justify="left")
+    for col, just in (("module", "left"), ("kind", "left"), ("shape", "right"), ("rank", "right"),
+                      ("trainable", "right")):
+        table.add_column(col, justify=just)
+    rows = summary.modules
+    shown = rows if len(rows) <= 24 else rows[:20]
+    for m in shown:
+        table.add_row(m.name, m.kind, "x".join(map(str, m.shape)), _num(m.rank), _num(m.trainable))
+    if len(shown) < len(rows):
+        table.add_row(f"... {len(rows) - len(shown)} more", "", "", "", "")
+    out.print(table)
+    out.print(f"trainable parameters: [bold]{summary.trainable:,}[/] of {summary.total:,} "
+              f"([bold]{summary.percent:.3f}%[/])")
+
+
+def show_plan(plan) -> None:
+    """What --dry-run prints: adapters, parameters, data sizes, steps."""
+    from . import data as datalib
+
+    for note in plan.built.notes:
+        show_note(note)
+    show_summary(plan.summary)
+    d = plan.built.data
+    table = Table(title="data", title_justify="left")
+    table.add_column("split")
+    table.add_column("source")
+    table.add_column("size", justify="right")
+    for name, part in (("train", d.train), ("eval", d.eval)):
+        if part is not None:
+            desc = datalib.describe(part)
+            table.add_row(name, part.source, ", ".join(f"{k} {_num(v)}" for k, v in desc.items()))
+    out.print(table)
+    t = plan.cfg.train
+    out.print(f"device {plan.device}, dtype {plan.cfg.dtype}; batch {t.batch_size} x grad_accum {t.grad_accum}; "
+              f"{plan.steps_per_epoch} steps per epoch, {plan.total_steps} steps in all "
+              f"({plan.epochs} epoch{'s' if plan.epochs != 1 else ''})")
+
+
+class ProgressReporter:
+    """Draws training progress: a live bar on a terminal, plain log lines elsewhere."""
+
+    def __init__(self, console: Console = out):
+        self.console = console
+        self.live = console.is_terminal
+        self.progress: Progress | None = None
+        self.task = None
+        self.unit = "samples"
+        self.last = ""
+
+    def start(self, plan) -> None:
+        self.unit = plan.unit
+        self.epochs = plan.epochs
+        for note in plan.built.notes:
+            show_note(note)
+        self.console.print(f"training {plan.total_steps} steps on {plan.device} "
+                           f"({plan.summary.trainable:,} trainable parameters, {plan.summary.percent:.3f}%)")
+        if self.live:
+            self.progress = Progress(
+                TextColumn("[bold]epoch {task.fields[epoch]}/{task.fields[epochs]}"), BarColumn(),
+                MofNCompleteColumn(), TextColumn("{task.fields[stats]}"), TimeElapsedColumn(),
+                TextColumn("eta"), TimeRemainingColumn(), console=self.console, transient=False)
+            self.progress.start()
+            self.task = self.progress.add_task("train", total=plan.total_steps, epoch=1, epochs=plan.epochs,
+                                               stats="")
+
+    def step(self, step: int, epoch: int, row: dict | None) -> None:
+        if row is not None:
+            rate = row.get(f"{self.unit}_per_s")
+            self.last = (f"loss {row['loss']:.4f}  lr {row['lr']:.2e}"
+                         + (f"  {rate:,.0f} {self.unit}/s" if rate else ""))
+            if not self.live:
+                self.console.print(f"step {step}  epoch {row['epoch']:.2f}  {self.last}  "
+                                   f"grad_norm {row['grad_norm']:.3g}")
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step, epoch=min(epoch + 1, self.epochs), stats=self.last)
+
+    def evaluated(self, row: dict) -> None:
+        metrics = "  ".join(f"{k.removeprefix('eval_')} {_num(v)}" for k, v in row.items()
+                            if k.startswith("eval_"))
+        text = f"eval @ step {row['step']}: {metrics}"
+        (self.progress.console if self.progress else self.console).print(text)
+
+    def finish(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+def show_train_result(result) -> None:
+    """The final summary table of a training run."""
+    table = Table(title="run summary", title_justify="left", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    s = result.summary
+    table.add_row("trainable", f"{s.trainable:,} of {s.total:,} parameters ({s.percent:.3f}%)")
+    table.add_row("adapter", f"{result.adapter_dir} ({_size(result.adapter_bytes)}; base {_size(result.base_bytes)})")
+    table.add_row("steps", f"{result.steps} ({result.epochs:.2f} epochs) in {result.seconds:.1f} s")
+    table.add_row("final train loss", _num(result.train_loss))
+    if result.eval_final is not None:
+        base, final = result.eval_base["loss"], result.eval_final["loss"]
+        table.add_row("eval loss", f"{_num(final)} (base {_num(base)}, {100 * (final - base) / base:+.1f}%)"
+                      if base else _num(final))
+    out.print(table)
+
+
+def show_json(data) -> None:
+    """Machine-readable output: one JSON object on stdout, nothing else."""
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")

@@ -1,0 +1,118 @@
+"""Losses and metrics per task, and the held-out evaluation of a model.
+
+    regression       output (B, 1) or (B,) vs y (B,):     mse (the loss), mae, r2
+    classification   logits (B, C) vs class ids (B,):    cross-entropy, accuracy, macro-F1
+    causal_lm        logits (B, T, V) vs labels (B, T):  token cross-entropy (labels of
+                     -100 are ignored), perplexity, token accuracy
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+TASKS = ("regression", "classification", "causal_lm")
+IGNORE = -100
+
+
+def forward(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """The model's prediction tensor (Hugging Face outputs carry it as ``.logits``)."""
+    out = model(inputs)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def loss_fn(task: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The training loss of one batch, a scalar mean (over rows, or over target tokens)."""
+    if task == "regression":
+        pred = output.squeeze(-1) if output.dim() == 2 and output.shape[-1] == 1 else output
+        return F.mse_loss(pred.float(), target.float())
+    if task == "classification":
+        return F.cross_entropy(output.float(), target)
+    logits = output.float().reshape(-1, output.shape[-1])            # (B*T, V)
+    return F.cross_entropy(logits, target.reshape(-1), ignore_index=IGNORE)
+
+
+class _Tally:
+    """Sums over batches, so metrics are exact over the whole set, not batch means."""
+
+    def __init__(self, task: str, num_classes: int | None):
+        self.task, self.n, self.loss_sum = task, 0, 0.0
+        self.abs_sum = self.y_sum = self.y_sq_sum = 0.0
+        self.correct = 0
+        self.confusion = torch.zeros(num_classes or 0, num_classes or 0, dtype=torch.long)
+
+    def add(self, output: torch.Tensor, target: torch.Tensor) -> None:
+        output = output.float()
+        if self.task == "regression":
+            pred = output.squeeze(-1) if output.dim() == 2 and output.shape[-1] == 1 else output
+            err = pred - target.float()
+            self.loss_sum += float((err ** 2).sum())
+            self.abs_sum += float(err.abs().sum())
+            self.y_sum += float(target.float().sum())
+            self.y_sq_sum += float((target.float() ** 2).sum())
+            self.n += target.numel()
+        elif self.task == "classification":
+            self.loss_sum += float(F.cross_entropy(output, target, reduction="sum"))
+            pred = output.argmax(-1)
+            self.correct += int((pred == target).sum())
+            k = self.confusion.shape[0]
+            self.confusion += torch.bincount(target * k + pred, minlength=k * k).reshape(k, k).cpu()
+            self.n += target.numel()
+        else:
+            logits, labels = output.reshape(-1, output.shape[-1]), target.reshape(-1)
+            keep = labels != IGNORE
+            self.loss_sum += float(F.cross_entropy(logits[keep], labels[keep], reduction="sum"))
+            self.correct += int((logits[keep].argmax(-1) == labels[keep]).sum())
+            self.n += int(keep.sum())
+
+    def result(self) -> dict:
+        n = max(self.n, 1)
+        if self.task == "regression":
+            mse = self.loss_sum / n
+            var = self.y_sq_sum / n - (self.y_sum / n) ** 2
+            return {"loss": mse, "mse": mse, "mae": self.abs_sum / n,
+                    "r2": 1.0 - mse / var if var > 0 else float("nan"), "n": self.n}
+        if self.task == "classification":
+            return {"loss": self.loss_sum / n, "accuracy": self.correct / n,
+                    "macro_f1": macro_f1(self.confusion), "n": self.n,
+                    "confusion": self.confusion.tolist()}
+        loss = self.loss_sum / n
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "token_accuracy": self.correct / n,
+                "n": self.n}
+
+
+def macro_f1(confusion: torch.Tensor) -> float:
+    """Unweighted mean of per-class F1 from a (true, predicted) confusion matrix."""
+    c = confusion.double()
+    tp = c.diag()
+    precision = tp / c.sum(0).clamp(min=1)
+    recall = tp / c.sum(1).clamp(min=1)
+    f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
+    return float(f1.mean()) if len(f1) else 0.0
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], task: str, *,
+             num_classes: int | None = None, device: torch.device | str = "cpu",
+             autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> dict:
+    """Metrics of ``model`` over ``batches`` of (inputs, targets), in eval mode.
+
+    The model's train/eval mode is restored afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    tally = _Tally(task, num_classes)
+    try:
+        for inputs, target in batches:
+            inputs, target = inputs.to(device), target.to(device)
+            with autocast():
+                output = forward(model, inputs)
+            tally.add(output, target)
+    finally:
+        model.train(was_training)
+    return tally.result()
