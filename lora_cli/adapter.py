@@ -38,7 +38,7 @@ from torch import nn
 
 from . import __version__
 from .errors import AdapterError
-from .inject import (LoraSpec, get_spec, inject, lora_layers, name_matches, trainable_biases)
+from .inject import LoraSpec, get_spec, inject, lora_layers, lora_parameters, name_matches, trainable_biases
 from .layers import LoraEmbedding, lora_scaling
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -80,8 +80,10 @@ def fingerprint(tensors: Iterable[tuple[str, torch.Tensor]], trained: Iterable[s
 def fingerprint_mismatches(expected: Mapping, tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
     """What differs between a recorded fingerprint and a base: [] when it is the same base.
 
-    A tensor present on one side only is accepted when it duplicates one the other side
-    has (tied weights are often stored once).
+    Every recorded tensor must be in the base with the same shape, dtype and sampled
+    values, except one that duplicates another (tied weights are often stored once) and
+    a trained module the base may lack (a classifier's new head). Tensors the base has
+    beyond the record (a language model's head under a classifier) pass.
     """
     want: dict[str, str] = dict(expected.get("tensors", {}))
     have = {}
@@ -94,10 +96,19 @@ def fingerprint_mismatches(expected: Mapping, tensors: Iterable[tuple[str, torch
             w, h = want[name].split("|"), have[name].split("|")
             what = "shape" if w[0] != h[0] else "dtype" if w[1] != h[1] else "values"
             problems.append(f"{name}: {what} differ ({want[name]} vs {have[name]})")
-    have_values, want_values = set(have.values()), set(want.values())
-    problems += [f"{n}: missing from the base" for n in sorted(set(want) - set(have)) if want[n] not in have_values]
-    problems += [f"{n}: not in the adapter's base" for n in sorted(set(have) - set(want)) if have[n] not in want_values]
+    have_values = set(have.values())
+    problems += [f"{n}: missing from the base" for n in sorted(set(want) - set(have))
+                 if want[n] not in have_values and not want[n].endswith("|-")]   # a trained new module
     return problems
+
+
+def base_fingerprint(model: nn.Module) -> dict:
+    """The fingerprint of an adapted model's base: its frozen tensors by value, and the
+    tensors training changes (modules_to_save, trained biases) by shape and dtype."""
+    spec = _require_spec(model)
+    trained = [f"{p}.bias" for p in trainable_biases(model, spec)]
+    trained += [f"{p}.{n}" for p in spec.modules_to_save for n in model.get_submodule(p).state_dict()]
+    return fingerprint(_base_tensors(model), trained=trained)
 
 
 def _base_tensors(model: nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
@@ -116,7 +127,8 @@ class LowRankUpdate:
 
     A: torch.Tensor        # (r, in) or, for embeddings, (r, num)
     B: torch.Tensor        # (out, r) or (dim, r)
-    scaling: float
+    alpha: float
+    scaling: float         # alpha / r, or alpha / sqrt(r) with rsLoRA
     layout: str            # "linear": W (out, in); "conv1d": W (in, out); "embedding": E (num, dim)
 
     @property
@@ -186,10 +198,8 @@ def adapter_config(model: nn.Module, *, base_model_name_or_path: str | None = No
     layers = lora_layers(model)
     layouts = {p: "embedding" if isinstance(m, LoraEmbedding) else ("conv1d" if m.fan_in_fan_out else "linear")
                for p, m in layers.items()}
-    saved_biases = set(trainable_biases(model, spec))
-    trained = [f"{p}.bias" for p in saved_biases]
-    trained += [f"{p}.{n}" for p in spec.modules_to_save for n in model.get_submodule(p).state_dict()]
     ranks = {p: m.rank for p, m in layers.items()}
+    alphas = {p: m.alpha for p, m in layers.items()}
     return {
         "peft_type": "LORA",
         "task_type": task_type,
@@ -206,13 +216,13 @@ def adapter_config(model: nn.Module, *, base_model_name_or_path: str | None = No
         "init_lora_weights": True,
         "inference_mode": True,
         "rank_pattern": {p: r for p, r in ranks.items() if r != spec.rank},
-        "alpha_pattern": {},
+        "alpha_pattern": {p: a for p, a in alphas.items() if a != spec.alpha},
         "use_dora": False,
         "lora_cli": {
             "version": __version__,
             "modules": layouts,
-            "fingerprint": fingerprint(_base_tensors(model), trained=trained),
-            **(metadata or {}),
+            "fingerprint": base_fingerprint(model),
+            **(metadata or {}),   # a caller may pass the fingerprint taken before a dtype cast
         },
     }
 
@@ -233,6 +243,10 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, metadata: Ma
     config = adapter_config(model, base_model_name_or_path=base_model_name_or_path,
                             task_type=task_type, metadata=metadata)
     directory = Path(directory)
+    if directory.is_file() or (directory.is_dir() and any(directory.iterdir())
+                               and not (directory / CONFIG_NAME).exists()):
+        raise AdapterError("refusing to replace something that is not an adapter", where=str(directory),
+                           fix="save the adapter to a new or empty directory")
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
@@ -295,7 +309,9 @@ def read_adapter(path: str | os.PathLike) -> Adapter:
     except (SafetensorError, OSError, ValueError) as exc:
         raise AdapterError(f"cannot read the adapter weights: {exc}", where=str(weights),
                            fix="the file is truncated or not safetensors; save the adapter again") from None
-    if HEADER_KEY in header:
+    if path.is_dir() and config_file.exists():   # the JSON is what PEFT reads: it wins
+        config = _parse_json(config_file.read_text(), str(config_file))
+    elif HEADER_KEY in header:
         config = _parse_json(header[HEADER_KEY], f"{weights} (header)")
     elif config_file.exists():
         config = _parse_json(config_file.read_text(), str(config_file))
@@ -346,8 +362,8 @@ def parse_adapter(config: dict, tensors: Mapping[str, torch.Tensor], *, source: 
                 factors.setdefault(path, {})[factor] = t
                 families[path] = family
                 break
-        else:
-            replacements[rest.replace(".base_layer.bias", ".bias")] = t
+        else:   # PEFT names an adapted layer's own tensors "<path>.base_layer.<name>"
+            replacements[rest.replace(".base_layer.", ".")] = t
     alpha, rank = config.get("lora_alpha", 8), config.get("r", 8)
     updates = {}
     for path, pair in factors.items():
@@ -365,8 +381,8 @@ def parse_adapter(config: dict, tensors: Mapping[str, torch.Tensor], *, source: 
         a = _pattern_value(config.get("alpha_pattern"), path, alpha)
         layout = layouts.get(path) or (
             "embedding" if families[path] == "embedding" else "conv1d" if fan_in_fan_out else "linear")
-        updates[path] = LowRankUpdate(A=A, B=B, scaling=lora_scaling(r, a, bool(config.get("use_rslora"))),
-                                      layout=layout)
+        updates[path] = LowRankUpdate(A=A, B=B, alpha=float(a), layout=layout,
+                                      scaling=lora_scaling(r, a, bool(config.get("use_rslora"))))
     if not updates:
         raise AdapterError("the adapter holds no LoRA tensors", where=source)
     return Adapter(config=config, updates=updates, replacements=replacements, source=source)
@@ -420,6 +436,12 @@ def load_adapter(model: nn.Module, path_or_adapter, *, check_base: bool = True) 
     spec = LoraSpec(rank=int(config.get("r", 8)), alpha=float(config.get("lora_alpha", 8)),
                     dropout=float(config.get("lora_dropout", 0.0)), use_rslora=bool(config.get("use_rslora")),
                     bias=config.get("bias", "none"), targets=list(adapter.updates), modules_to_save=saved)
+    declared = _declared_trained(model, spec)
+    missing = sorted(declared - set(adapter.replacements))
+    if missing:
+        raise AdapterError(f"the adapter's config says '{missing[0]}' was trained ({spec.bias=!s}, "
+                           f"modules_to_save={spec.modules_to_save}), but the file does not hold it",
+                           where=where, fix="the adapter file is incomplete; save it again")
     state = model.state_dict(keep_vars=True)
     for key, t in adapter.replacements.items():
         if key not in state:
@@ -428,14 +450,45 @@ def load_adapter(model: nn.Module, path_or_adapter, *, check_base: bool = True) 
             raise AdapterError(f"'{key}' is {tuple(state[key].shape)} in the model but {tuple(t.shape)} "
                                "in the adapter", where=where)
     inject(model, spec, ranks={p: u.rank for p, u in adapter.updates.items()})
+    return load_adapter_weights(model, adapter)
+
+
+def load_adapter_weights(model: nn.Module, adapter: Adapter) -> nn.Module:
+    """Copy an adapter's tensors into a model that already has the same LoRA layers."""
     layers = lora_layers(model)
+    if set(layers) != set(adapter.updates):
+        missing = sorted(set(adapter.updates) - set(layers)) or sorted(set(layers) - set(adapter.updates))
+        raise AdapterError(f"the model's LoRA layers differ from the adapter's (e.g. '{missing[0]}')",
+                           where=adapter.source, fix="use the same lora.target_modules as the adapter")
+    state = model.state_dict(keep_vars=True)
     with torch.no_grad():
         for path, update in adapter.updates.items():
             layer = layers[path]
-            a, b = ("lora_embedding_A", "lora_embedding_B") if isinstance(layer, LoraEmbedding) else ("lora_A", "lora_B")
-            getattr(layer, a).copy_(update.A)
-            getattr(layer, b).copy_(update.B)
-            layer.scaling = update.scaling
+            a, b = lora_parameters(layer)
+            if a.shape != update.A.shape or b.shape != update.B.shape:
+                raise AdapterError(f"'{path}' has rank {layer.rank} in the model, {update.rank} in the adapter",
+                                   where=adapter.source, fix="use the same lora.rank as the adapter")
+            a.copy_(update.A)
+            b.copy_(update.B)
+            layer.alpha, layer.scaling = update.alpha, update.scaling
         for key, t in adapter.replacements.items():
+            if key not in state or state[key].shape != t.shape:
+                raise AdapterError(f"the adapter holds '{key}' {tuple(t.shape)}, which the model does not have",
+                                   where=adapter.source)
             state[key].copy_(t)
     return model
+
+
+def _declared_trained(model: nn.Module, spec: LoraSpec) -> set[str]:
+    """State-dict keys an adapter with ``spec`` must hold besides its LoRA factors:
+    every tensor of its modules_to_save, and the biases its ``bias`` option trains."""
+    keys = {f"{p}.{n}" for p in spec.modules_to_save for n in model.get_submodule(p).state_dict()}
+    if spec.bias == "none":
+        return keys
+    paths = spec.targets if spec.bias == "lora_only" else [p for p, _ in model.named_modules()]
+    for path in paths:
+        module = model.get_submodule(path)
+        if isinstance(getattr(module, "bias", None), nn.Parameter) and not any(
+                path == s or path.startswith(s + ".") for s in spec.modules_to_save):
+            keys.add(f"{path}.bias" if path else "bias")
+    return keys

@@ -226,15 +226,17 @@ def inject(model: nn.Module, spec: LoraSpec, ranks: dict[str, int] | None = None
                           fix="merge or remove the existing adapter before adding another")
     if spec.bias not in BIAS_CHOICES:
         raise TargetError(f"bias must be one of {', '.join(BIAS_CHOICES)}, got {spec.bias!r}", where="lora.bias")
-    for path in spec.targets:
-        module = model.get_submodule(path)
-        rank = (ranks or {}).get(path, spec.rank)
-        limit = min(module.weight.shape)
-        if rank > limit:
-            raise TargetError(f"rank {rank} is larger than '{path}' allows ({tuple(module.weight.shape)}: "
-                              f"at most {limit})", where="lora.rank",
-                              fix=f"use lora.rank <= {limit}, or exclude '{path}'")
-        layer = wrap(module, rank=rank, alpha=spec.alpha, dropout=spec.dropout, use_rslora=spec.use_rslora)
+    ranks = {path: (ranks or {}).get(path, spec.rank) for path in spec.targets}
+    for path, rank in ranks.items():      # check everything before changing anything
+        shape = tuple(model.get_submodule(path).weight.shape)
+        # B @ A can never exceed rank min(out, in); a rank beyond max(out, in) cannot
+        # even make A or B full rank, so it is surely a mistake.
+        if rank > max(shape):
+            raise TargetError(f"rank {rank} is larger than '{path}' allows ({shape}: at most {max(shape)})",
+                              where="lora.rank", fix=f"use lora.rank <= {max(shape)}, or exclude '{path}'")
+    for path, rank in ranks.items():
+        layer = wrap(model.get_submodule(path), rank=rank, alpha=spec.alpha, dropout=spec.dropout,
+                     use_rslora=spec.use_rslora)
         _set_submodule(model, path, layer)
     _set_trainable(model, spec)
     setattr(model, SPEC_ATTR, spec)

@@ -76,14 +76,19 @@ class LoraLayer(nn.Module):
         """Fold s * B @ A into the base weight (float32 math, one cast). Idempotent."""
         if self.merged:
             return
-        merged = self.weight.float() + self.delta_weight()
+        self.weight.copy_(self.merged_weight())
+        self.merged = True
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """W + s * B @ A in (at least) float32, cast once to W's dtype; checked finite."""
+        merged = self.weight.to(torch.promote_types(self.weight.dtype, torch.float32)) + self.delta_weight()
         if not torch.isfinite(merged).all():
             raise FloatingPointError(
                 f"merging LoRA into a {tuple(self.weight.shape)} weight gave non-finite values; "
                 "the adapter weights are probably diverged (check the training loss)"
             )
-        self.weight.copy_(merged.to(self.weight.dtype))
-        self.merged = True
+        return merged.to(self.weight.dtype)
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -94,7 +99,8 @@ class LoraLayer(nn.Module):
         """
         if not self.merged:
             return
-        self.weight.copy_((self.weight.float() - self.delta_weight()).to(self.weight.dtype))
+        wide = self.weight.to(torch.promote_types(self.weight.dtype, torch.float32))
+        self.weight.copy_((wide - self.delta_weight()).to(self.weight.dtype))
         self.merged = False
 
     def unload(self) -> nn.Module:

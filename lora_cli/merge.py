@@ -14,21 +14,41 @@ stream a large checkpoint through it without holding two copies of the model.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import json
+import os
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from .adapter import Adapter
-from .errors import AdapterError
-from .inject import SPEC_ATTR, lora_layers, _set_submodule
+from .adapter import Adapter, check_fingerprint
+from .errors import AdapterError, UserError
+from .inject import SPEC_ATTR, _set_submodule, lora_layers
+from .streaming import INDEX_NAME, SafetensorsReader, SafetensorsWriter, shard_files
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def merge_adapter(model: nn.Module) -> nn.Module:
     """Fold every LoRA layer of ``model`` into its base weight and put the plain module
-    back in its place; returns the model, which then has no LoRA modules left."""
-    for path, layer in lora_layers(model).items():
-        layer.merge()
+    back in its place; returns the model, which then has no LoRA modules left.
+
+    Every merged weight is computed and checked before any is written, so a failure
+    (non-finite values) leaves the model exactly as it was.
+    """
+    layers = lora_layers(model)
+    try:
+        merged = {path: layer.merged_weight() for path, layer in layers.items() if not layer.merged}
+    except FloatingPointError as exc:
+        raise AdapterError(str(exc), fix="the adapter has diverged weights; check its training loss") from None
+    for path, layer in layers.items():
+        if path in merged:
+            with torch.no_grad():
+                layer.weight.copy_(merged.pop(path))
+            layer.merged = True
         module = layer.unload()
         for p in module.parameters():
             p.requires_grad_(False)
@@ -56,7 +76,10 @@ class Merger:
         self.adapters, self.weights = list(adapters), weights
         self.updates: dict[str, list] = {}        # base key -> [(weight, update), ...]
         self.replacements: dict[str, torch.Tensor] = {}
+        self.new_modules: set[str] = set()        # modules_to_save the base may lack (a new head)
+        self.added: dict[str, torch.Tensor] = {}  # set by check(): tensors to add to the base
         for adapter, w in zip(self.adapters, weights):
+            self.new_modules |= set(adapter.config.get("modules_to_save") or [])
             for path, update in adapter.updates.items():
                 self.updates.setdefault(f"{path}.weight", []).append((w, update))
             for key, t in adapter.replacements.items():
@@ -64,13 +87,16 @@ class Merger:
                     raise AdapterError(f"two adapters both replace '{key}' (modules_to_save or bias)",
                                        where=adapter.source, fix="merge them one at a time")
                 self.replacements[key] = t
-        clash = set(self.updates) & set(self.replacements)
-        if clash:
-            raise AdapterError(f"'{sorted(clash)[0]}' is both adapted and replaced", where=self.adapters[0].source)
 
     def check(self, shapes: Mapping[str, Sequence[int]], where: str = "") -> None:
-        """Every target must exist in the base with the shape the adapter expects."""
+        """Every target must exist in the base with the shape the adapter expects.
+
+        Tensors of a ``modules_to_save`` module the base does not have (the new head of
+        a classifier made from a language model) are collected in ``added``.
+        """
         problems = []
+        self.added = {k: t for k, t in self.replacements.items() if k not in shapes and any(
+            k.startswith(m + ".") or f".{m}." in f".{k}" for m in self.new_modules)}
         for key, items in self.updates.items():
             for _, update in items:
                 if key not in shapes:
@@ -79,6 +105,8 @@ class Merger:
                     problems.append(f"'{key}' is {tuple(shapes[key])} in the base, "
                                     f"the adapter expects {update.weight_shape()}")
         for key, t in self.replacements.items():
+            if key in self.added:
+                continue
             if key not in shapes:
                 problems.append(f"'{key}' is not in the base")
             elif tuple(shapes[key]) != tuple(t.shape):
@@ -92,12 +120,12 @@ class Merger:
         return key in self.updates or key in self.replacements
 
     def __call__(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
-        if key in self.replacements:
-            return self.replacements[key].to(dtype=tensor.dtype, device=tensor.device)
+        if key in self.replacements:   # a module_to_save / bias, or the base weight PEFT saved
+            tensor = self.replacements[key].to(dtype=tensor.dtype, device=tensor.device)
         items = self.updates.get(key)
         if not items:
             return tensor
-        merged = tensor.float()
+        merged = tensor.to(torch.promote_types(tensor.dtype, torch.float32))
         if merged is tensor:
             merged = merged.clone()   # never write into the caller's tensor
         for w, update in items:
@@ -114,9 +142,175 @@ def merge_state_dict(base: Mapping[str, torch.Tensor], adapters: Adapter | Seque
     adapters = [adapters] if isinstance(adapters, Adapter) else list(adapters)
     merger = Merger(adapters, weights)
     merger.check({k: tuple(v.shape) for k, v in base.items()})
-    return {key: merger(key, t) for key, t in base.items()}
+    return {**{key: merger(key, t) for key, t in base.items()}, **merger.added}
 
 
-def largest_change(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """max |W' - W| over (before, after) pairs, in float32."""
-    return max((float((a.float() - b.float()).abs().max()) for b, a in pairs if b.numel()), default=0.0)
+# --- whole checkpoints on disk ----------------------------------------------------------
+
+@dataclass
+class MergeReport:
+    """What lora-merge wrote and changed."""
+
+    output: Path
+    format: str                 # "pt", "safetensors" or "directory"
+    changed: list[str]          # base keys whose tensors changed
+    added: list[str]            # tensors the base did not have (a new classification head)
+    max_delta: float            # largest |W' - W| over the changed tensors
+    bytes: int                  # size of what was written
+    tensors: int                # tensors written in all
+
+
+PT_SUFFIXES = (".pt", ".pth", ".bin")
+
+
+def default_output(base: Path) -> Path:
+    """``<name>-merged.<ext>`` next to a file base; ``<dir>-merged`` next to a directory."""
+    base = Path(base)
+    if base.is_dir():
+        return base.with_name(base.name + "-merged")
+    return base.with_name(f"{base.stem}-merged{base.suffix}")
+
+
+def merge_checkpoint(base: str | os.PathLike, adapters: Sequence[Adapter], out: str | os.PathLike | None = None,
+                     *, weights: Sequence[float] | None = None, dtype: str | None = None,
+                     force: bool = False, check_base: bool = True) -> MergeReport:
+    """Fold ``adapters`` into the checkpoint at ``base`` and write the result to ``out``.
+
+    ``base`` is a ``.pt`` state dict, a ``.safetensors`` file, or a model directory of
+    safetensors shards (other files in it, config and tokenizer, are copied). The inputs
+    are never modified; the output is written beside its final place and renamed in.
+    safetensors bases are streamed: one base tensor in memory at a time.
+    """
+    base = Path(base)
+    if not base.exists():
+        raise UserError("base checkpoint not found", where=str(base),
+                        fix="give a .pt or .safetensors file, or a model directory")
+    kind = "directory" if base.is_dir() else "safetensors" if base.suffix == ".safetensors" else \
+        "pt" if base.suffix in PT_SUFFIXES else None
+    if kind is None:
+        raise UserError(f"unsupported base format {base.suffix!r}", where=str(base),
+                        fix="use a .pt/.pth/.bin state dict, a .safetensors file, or a model directory")
+    out = Path(out) if out is not None else default_output(base)
+    if out.resolve() == base.resolve():
+        raise UserError("the output would overwrite the base", where=str(out), fix="choose another -o path")
+    if out.exists() and not force:
+        raise UserError("output already exists", where=str(out), fix="pass --force to replace it, or -o another path")
+    target_dtype = _DTYPES[dtype] if dtype else None
+    merger = Merger(adapters, weights)
+
+    if kind == "pt":
+        from .models import read_state_dict
+        state = read_state_dict(base)
+        merger.check({k: tuple(v.shape) for k, v in state.items()}, where=str(base))
+        tensors = lambda: state.items()   # noqa: E731
+    else:
+        readers = [SafetensorsReader(f) for f in (shard_files(base) if kind == "directory" else [base])]
+        shapes = {k: spec[0] for r in readers for k, spec in r.specs.items()}
+        merger.check(shapes, where=str(base))
+        tensors = lambda: (kv for r in readers for kv in r)   # noqa: E731
+    if check_base:
+        for adapter in adapters:
+            check_fingerprint(adapter, tensors(), where=str(base))
+
+    changed: list[str] = []
+    max_delta = 0.0
+
+    def merged(key: str, t: torch.Tensor) -> torch.Tensor:
+        nonlocal max_delta
+        m = merger(key, t)
+        if m is not t:
+            changed.append(key)
+            if key in merger.updates:
+                max_delta = max(max_delta, float((m.float() - t.float()).abs().max()))
+        return m.to(target_dtype) if target_dtype is not None and m.is_floating_point() else m
+
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    _remove(tmp)
+    try:
+        added = {k: merged(k, t) for k, t in merger.added.items()}
+        if kind == "pt":
+            torch.save({**{k: merged(k, t) for k, t in state.items()}, **added}, tmp)
+            _fsync(tmp)
+            count = len(state) + len(added)
+        elif kind == "safetensors":
+            count = _write_streamed(readers[0], tmp, merged, target_dtype, extra=added)
+        else:
+            tmp.mkdir()
+            count = sum(_write_streamed(r, tmp / r.path.name, merged, target_dtype,
+                                        extra=added if r is readers[-1] else None) for r in readers)
+            shards = {r.path.name for r in readers}
+            for f in base.iterdir():
+                if f.name not in shards and f.is_file():
+                    shutil.copy2(f, tmp / f.name)
+            _fix_index(tmp, added, readers[-1].path.name)
+            _update_model_config(tmp, adapters)
+        if out.exists():
+            _remove(out)
+        os.replace(tmp, out)
+    except BaseException:
+        _remove(tmp)
+        raise
+    size = sum(f.stat().st_size for f in out.iterdir()) if out.is_dir() else out.stat().st_size
+    return MergeReport(output=out, format=kind, changed=changed, added=sorted(merger.added), max_delta=max_delta,
+                       bytes=size, tensors=count)
+
+
+def _write_streamed(reader: SafetensorsReader, path: Path, merged: Callable[[str, torch.Tensor], torch.Tensor],
+                    dtype: torch.dtype | None, extra: Mapping[str, torch.Tensor] | None = None) -> int:
+    """Stream one safetensors file through ``merged`` into ``path``, then ``extra``
+    tensors; returns the tensor count."""
+    def out_dtype(d: torch.dtype) -> torch.dtype:
+        return dtype if dtype is not None and d.is_floating_point else d
+    specs = {k: (shape, out_dtype(d)) for k, (shape, d) in reader.specs.items()}
+    specs.update({k: (tuple(t.shape), t.dtype) for k, t in (extra or {}).items()})
+    with SafetensorsWriter(path, specs, metadata=reader.metadata or {"format": "pt"}) as writer:
+        for key in reader.keys:
+            writer.write(key, merged(key, reader.get(key)))
+        for key, t in (extra or {}).items():
+            writer.write(key, t)
+    return len(specs)
+
+
+def _update_model_config(directory: Path, adapters: Sequence[Adapter]) -> None:
+    """A classifier adapter merged into a language-model directory makes a classifier:
+    say so in config.json (architecture and labels), so transformers loads it as one."""
+    config_file = directory / "config.json"
+    meta = next((a.meta for a in adapters if a.config.get("task_type") == "SEQ_CLS"), None)
+    if meta is None or not config_file.exists():
+        return
+    config = json.loads(config_file.read_text())
+    config["architectures"] = [a.replace("ForCausalLM", "ForSequenceClassification")
+                               for a in config.get("architectures") or []]
+    label_map = meta.get("label_map")
+    if label_map:
+        config["id2label"] = {str(i): name for name, i in label_map.items()}
+        config["label2id"] = dict(label_map)
+    config_file.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _fix_index(directory: Path, added: Mapping[str, torch.Tensor], last_shard: str) -> None:
+    """Keep a shard index true: new tensors live in the last shard, and total_size
+    follows a dtype change."""
+    index = directory / INDEX_NAME
+    if index.exists():
+        data = json.loads(index.read_text())
+        data.setdefault("weight_map", {}).update({k: last_shard for k in added})
+        total = 0
+        for f in set(data.get("weight_map", {}).values()):
+            r = SafetensorsReader(directory / f)
+            total += sum(torch.Size(shape).numel() * torch.empty((), dtype=d).element_size()
+                         for shape, d in r.specs.values())
+        data.setdefault("metadata", {})["total_size"] = total
+        index.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists():
+        path.unlink()

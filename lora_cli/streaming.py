@@ -1,0 +1,156 @@
+"""Reading and writing weight files one tensor at a time.
+
+A merged model is written while it is computed, so peak memory stays near one tensor
+plus what is being written, however large the base. safetensors keeps a JSON header
+(names, dtypes, shapes, byte offsets) before the data; every shape and dtype is known
+from the base's header before any tensor is read, so the output header is written
+first and the tensors follow in order:
+
+    [u64 little-endian header size][JSON header, space-padded to 8 bytes][tensor bytes...]
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import struct
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+
+from .errors import ModelError
+
+DTYPE_CODES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+for _name, _code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2")):
+    if hasattr(torch, _name):
+        DTYPE_CODES[getattr(torch, _name)] = _code
+CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
+INDEX_NAME = "model.safetensors.index.json"
+
+
+class SafetensorsReader:
+    """Lazy access to one .safetensors file: names, shapes and dtypes from the header,
+    each tensor read only when asked for."""
+
+    def __init__(self, path: str | os.PathLike):
+        from safetensors import SafetensorError, safe_open
+
+        self.path = Path(path)
+        try:
+            self._file = safe_open(str(self.path), framework="pt")
+            self.metadata = self._file.metadata() or {}
+            self.keys = list(self._file.keys())
+            self.specs = {}
+            for k in self.keys:
+                s = self._file.get_slice(k)
+                self.specs[k] = (tuple(s.get_shape()), CODE_DTYPES[s.get_dtype()])
+        except (SafetensorError, OSError, KeyError, ValueError) as exc:
+            raise ModelError(f"cannot read safetensors file: {exc}", where=str(self.path),
+                             fix="the file is truncated or corrupt; copy or export it again") from None
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._file.get_tensor(key)
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for k in self.keys:
+            yield k, self.get(k)
+
+
+class SafetensorsWriter:
+    """Writes tensors to a .safetensors file in a fixed order, one at a time.
+
+    ``specs`` maps each name to (shape, dtype) in writing order; :meth:`write` must then
+    be called once per name in that order. Use as a context manager.
+    """
+
+    def __init__(self, path: str | os.PathLike, specs: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
+                 metadata: Mapping[str, str] | None = None):
+        self.path = Path(path)
+        self.order = list(specs)
+        self.specs = dict(specs)
+        header: dict = {}
+        offset = 0
+        for name in self.order:
+            shape, dtype = specs[name]
+            nbytes = _numel(shape) * _itemsize(dtype)
+            header[name] = {"dtype": DTYPE_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        if metadata:
+            header["__metadata__"] = dict(metadata)
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self.total = 8 + len(raw) + offset
+        self._fh = open(self.path, "wb")
+        self._fh.write(struct.pack("<Q", len(raw)) + raw)
+        self._next = 0
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        expected = self.order[self._next]
+        shape, dtype = self.specs[name]
+        if name != expected or tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+            raise ValueError(f"SafetensorsWriter expected {expected} {shape} {dtype}, "
+                             f"got {name} {tuple(tensor.shape)} {tensor.dtype}")
+        t = tensor.detach().to("cpu").contiguous()
+        if t.numel():
+            self._fh.write(ctypes.string_at(t.data_ptr(), t.numel() * t.element_size()))
+        self._next += 1
+
+    def close(self) -> None:
+        if self._fh.closed:
+            return
+        try:
+            if self._next != len(self.order):
+                raise ValueError(f"SafetensorsWriter closed after {self._next} of {len(self.order)} tensors")
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+        finally:
+            self._fh.close()
+
+    def __enter__(self) -> "SafetensorsWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._fh.close()
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def shard_files(directory: str | os.PathLike) -> list[Path]:
+    """The safetensors files of a model directory: the shards its index names, or the
+    single ``model.safetensors``."""
+    directory = Path(directory)
+    index = directory / INDEX_NAME
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ModelError(f"invalid shard index: {exc}", where=str(index)) from None
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (directory / f).exists()]
+        if missing:
+            raise ModelError(f"shard {missing[0]} named by the index is missing", where=str(index))
+        return [directory / f for f in files]
+    files = sorted(directory.glob("*.safetensors"))
+    if len(files) == 1:
+        return files
+    raise ModelError("no model.safetensors (or shard index) in this directory" if not files else
+                     f"{len(files)} safetensors files but no {INDEX_NAME}", where=str(directory),
+                     fix="point to a .safetensors/.pt file, or a model directory saved with save_pretrained")
