@@ -1,0 +1,255 @@
+"""Weight files: read them without running code, load them strictly, write them atomically.
+
+Reading never unpickles arbitrary objects: ``.safetensors`` files hold only tensors, and
+``.pt``/``.pth``/``.bin`` files go through ``torch.load(..., weights_only=True)``, which
+refuses any pickle that would import or call something. Either way the result must be a
+flat mapping of ``str -> Tensor``.
+
+Loading a base into a model checks every key and shape first and only then copies, so an
+error never leaves a half-loaded model. LoRA tensors (``lora_A``, ``lora_B``,
+``lora_embedding_A``, ``lora_embedding_B``) live in adapters, not in base files, and are
+the only model keys a base file may lack.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import tempfile
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file as load_safetensors
+from safetensors.torch import save as safetensors_bytes
+from torch import nn
+
+from ..errors import ModelError
+from ..layers import LoraLayer
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin")
+LORA_PARAM_NAMES = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
+SHOW = 10  # how many keys of each kind an error message lists
+
+
+def _convert_snippet(path: Path) -> str:
+    """A one-liner that rewrites a trusted pickle as safetensors (it does unpickle!)."""
+    out = path.with_suffix(".safetensors")
+    return (
+        "python -c \"import torch; from safetensors.torch import save_file; "
+        f"obj = torch.load({str(path)!r}, map_location='cpu', weights_only=False); "
+        "sd = obj.state_dict() if hasattr(obj, 'state_dict') else obj; "
+        f"save_file({{k: v.contiguous() for k, v in sd.items()}}, {str(out)!r})\""
+    )
+
+
+def _describe(value: object) -> str:
+    """A short name for what a non-tensor value is: 'a dict with 12 entries', 'an int'."""
+    name = type(value).__name__
+    article = "an" if name[:1].lower() in "aeiou" else "a"
+    if isinstance(value, (Mapping, list, tuple)):
+        return f"{article} {name} with {len(value)} entries"
+    return f"{article} {name}"
+
+
+def _check_flat_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
+    """``obj`` as a plain ``dict[str, Tensor]``, or a ModelError saying what it is instead."""
+    if not isinstance(obj, Mapping):
+        raise ModelError(
+            f"the file holds {_describe(obj)}, not a state dict (a mapping of names to tensors)",
+            where=str(path),
+            fix="save model.state_dict() (not the model or a list), preferably with safetensors.torch.save_file",
+        )
+    for key, value in obj.items():
+        if not isinstance(key, str):
+            raise ModelError(
+                f"the state dict has a non-string key {key!r} ({type(key).__name__})",
+                where=str(path),
+                fix="save model.state_dict(), whose keys are parameter names like 'layers.0.weight'",
+            )
+        if not isinstance(value, torch.Tensor):
+            nested = isinstance(value, Mapping) and any(isinstance(v, torch.Tensor) for v in value.values())
+            fix = (
+                f"this looks like a training checkpoint; save just the weights: "
+                f"torch.save(ckpt[{key!r}], 'base.pt')"
+                if nested else
+                "save a flat mapping of parameter names to tensors, e.g. model.state_dict()"
+            )
+            raise ModelError(f"key {key!r} holds {_describe(value)}, not a tensor", where=str(path), fix=fix)
+    return dict(obj)
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors in a ``.safetensors``, ``.pt``, ``.pth`` or ``.bin`` file, on the CPU.
+
+    Never runs code from the file. Raises ModelError if the file is missing, has another
+    extension, is truncated or corrupt, holds a pickle that would run code when loaded,
+    or holds anything but a flat ``str -> Tensor`` mapping.
+    """
+    path = Path(path)
+    if not path.is_file():
+        what = "is a directory, not a weights file" if path.is_dir() else "weights file not found"
+        raise ModelError(what, where=str(path),
+                         fix="check the path (relative paths are relative to the current directory)")
+    suffix = path.suffix.lower()
+    if suffix in SAFETENSORS_SUFFIXES:
+        try:
+            return load_safetensors(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ModelError(
+                f"not a readable safetensors file ({e}); it is probably truncated or corrupt",
+                where=str(path),
+                fix="download or export the file again and check its size/checksum",
+            ) from e
+    if suffix in PICKLE_SUFFIXES:
+        try:
+            with warnings.catch_warnings():  # torch warns about unusual pickle protocols
+                warnings.simplefilter("ignore")
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            found = re.search(r"GLOBAL ([\w.]+)", str(e))
+            refs = f" (it references {found.group(1)})" if found else ""
+            whole_model = found is not None and found.group(1).startswith("torch.nn.modules")
+            raise ModelError(
+                f"this pickle would run code when loaded{refs}; lora-cli never unpickles arbitrary "
+                "objects" + ("; it looks like a whole pickled model, not a state dict" if whole_model else ""),
+                where=str(path),
+                fix="ONLY if you trust this file, convert it to safetensors and point the config at the "
+                    f"new file:\n    {_convert_snippet(path)}",
+            ) from e
+        except (RuntimeError, EOFError, OSError, ValueError) as e:
+            raise ModelError(
+                f"not a readable PyTorch file ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                "it is probably truncated or corrupt",
+                where=str(path),
+                fix="save or download the file again (torch.save(model.state_dict(), path))",
+            ) from e
+        return _check_flat_state_dict(obj, path)
+    raise ModelError(
+        f"unknown weights file type {path.suffix or '(no extension)'!r}",
+        where=str(path),
+        fix="use a .safetensors file (preferred) or a .pt/.pth/.bin file saved with torch.save(state_dict)",
+    )
+
+
+def _lora_keys(model: nn.Module) -> set[str]:
+    """State-dict keys of LoRA tensors: they belong to adapters, not to base files."""
+    keys = set()
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            prefix = f"{name}." if name else ""
+            keys.update(prefix + p for p in LORA_PARAM_NAMES if hasattr(module, p))
+    return keys
+
+
+def _listing(label: str, items: list[str]) -> str:
+    shown = "\n".join(f"    {item}" for item in items[:SHOW])
+    more = f"\n    ... and {len(items) - SHOW} more" if len(items) > SHOW else ""
+    return f"  {len(items)} {label}:\n{shown}{more}"
+
+
+def load_base_weights(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load a base checkpoint into ``model`` (which may already hold LoRA layers), strictly.
+
+    Every model key except the LoRA tensors must be in the file with the same shape, and
+    the file may hold nothing else. A key tied to another (``lm_head.weight`` sharing
+    ``embed_tokens.weight``) may be absent when its twin is present. All problems are
+    checked before anything is copied.
+    """
+    path = Path(path)
+    sd = read_state_dict(path)
+    own = model.state_dict(keep_vars=True)
+    lora = _lora_keys(model)
+    expected = {k: v for k, v in own.items() if k not in lora}
+    # Tied tensors: a missing key is fine when the same tensor loads under another name.
+    present_ids = {id(expected[k]) for k in sd if k in expected}
+    missing = [k for k in expected if k not in sd and id(expected[k]) not in present_ids]
+    unexpected = [k for k in sd if k not in expected]
+    mis_shaped = [
+        f"{k}: file {tuple(sd[k].shape)}, model {tuple(expected[k].shape)}"
+        for k in sd if k in expected and sd[k].shape != expected[k].shape
+    ]
+    if missing or unexpected or mis_shaped:
+        parts = []
+        if missing:
+            parts.append(_listing("model keys missing from the file", missing))
+        if unexpected:
+            parts.append(_listing("file keys the model does not have", unexpected))
+        if mis_shaped:
+            parts.append(_listing("shapes that differ", mis_shaped))
+        raise ModelError(
+            "the base weights do not fit the model:\n" + "\n".join(parts),
+            where=str(path),
+            fix="use the checkpoint this model was trained from, or make model.arch/model.args "
+                "(sizes such as d_model, n_layer, in_features) match the checkpoint",
+        )
+    result = model.load_state_dict(sd, strict=False)
+    # Internal invariant: everything left out was checked above.
+    assert not result.unexpected_keys, result.unexpected_keys
+    assert all(k in lora or id(expected[k]) in present_ids for k in result.missing_keys), result.missing_keys
+
+
+def _for_saving(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached, contiguous CPU tensors, none sharing memory with another (safetensors forbids it)."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for key, t in sd.items():
+        if not isinstance(key, str) or not isinstance(t, torch.Tensor):
+            raise TypeError(f"a state dict maps str to Tensor; got {key!r}: {type(t).__name__}")
+        t = t.detach().cpu()
+        storage = t.untyped_storage()
+        shared = storage.data_ptr() in seen or storage.nbytes() != t.numel() * t.element_size()
+        seen.add(storage.data_ptr())
+        out[key] = t.clone(memory_format=torch.contiguous_format) if shared or not t.is_contiguous() else t
+    return out
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def save_state_dict(sd: Mapping[str, torch.Tensor], path: str | os.PathLike, *,
+                    metadata: Mapping[str, str] | None = None) -> None:
+    """Write ``sd`` to ``.safetensors`` (or ``.pt``/``.pth``/``.bin``) atomically.
+
+    The bytes go to a temporary file in the same directory, are flushed and fsynced, then
+    renamed over ``path``: a crash leaves either the old file or the new one, never half
+    of one. ``metadata`` (str -> str) is stored in the safetensors header.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES:
+        raise ModelError(f"unknown weights file type {path.suffix or '(no extension)'!r}", where=str(path),
+                         fix="name the file *.safetensors (preferred) or *.pt")
+    tensors = _for_saving(sd)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if suffix in SAFETENSORS_SUFFIXES:
+                f.write(safetensors_bytes(tensors, metadata=dict(metadata) if metadata else None))
+            else:
+                torch.save(tensors, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
