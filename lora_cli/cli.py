@@ -25,6 +25,8 @@ Examples:
   lora-train configs/quickstart.yaml lora.rank=4 train.lr=1e-3 device=cpu
 
   lora-train configs/seed_linear.yaml output_dir=runs/try2 --overwrite
+
+  lora-train configs/quickstart.yaml train.save_every=50 --resume
 """
 
 
@@ -53,28 +55,129 @@ def train_command(
         None, help="KEY=VALUE overrides of config keys, e.g. lora.rank=4 train.lr=1e-3.", show_default=False),
     dry_run: bool = typer.Option(False, "--dry-run", help="Build model and data, print the plan, do not train."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run in a non-empty output_dir."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in output_dir."),
 ) -> None:
     """Train a LoRA adapter as CONFIG describes; save it to output_dir/adapter."""
     from .config import load_config
-    from .console import ProgressReporter, show_plan, show_train_result
-    from .train import plan, train
+    from .console import ProgressReporter, show_interrupted, show_plan, show_train_result
+    from .train import Interrupted, plan, train
 
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite contradict each other", fix="pass one of them")
     cfg = load_config(config, overrides or [])
     search_path = Path(config).resolve().parent
-    prepared = plan(cfg, search_path=search_path)
     if dry_run:
-        show_plan(prepared)
+        show_plan(plan(cfg, search_path=search_path))
         return
-    result = train(cfg, reporter=ProgressReporter(), overwrite=overwrite, search_path=search_path,
-                   prepared=prepared)
+    try:
+        result = train(cfg, reporter=ProgressReporter(), overwrite=overwrite, resume=resume,
+                       search_path=search_path)
+    except Interrupted as stop:
+        show_interrupted(stop, resume_command=_resume_command(config, overrides))
+        raise typer.Exit(stop.exit_code) from None
     show_train_result(result)
+
+
+def _resume_command(config: Path, overrides: Optional[List[str]]) -> str:
+    import shlex
+    return " ".join(shlex.quote(a) for a in ["lora-train", str(config), *(overrides or []), "--resume"])
+
+
+MERGE_EXAMPLES = """\
+Examples:
+
+  lora-merge data/quickstart/base.safetensors runs/quickstart/adapter
+
+  lora-merge data/quickstart/base.safetensors runs/quickstart/adapter -o merged.safetensors --verify
+
+  lora-merge base.pt runs/a/adapter runs/b/adapter --weights 0.7 0.3 --dtype bfloat16
+"""
+
+EVAL_EXAMPLES = """\
+Examples:
+
+  lora-eval runs/quickstart/adapter
+
+  lora-eval configs/quickstart.yaml --json
+
+  lora-eval runs/quickstart/adapter --merged data/quickstart/base-merged.safetensors
+
+  lora-eval runs/quickstart/adapter --data data/quickstart/eval.jsonl --batch-size 64
+"""
+
+
+@_user_errors
+def merge_command(
+    base: Path = typer.Argument(..., help="Base weights: .pt, .safetensors, or a model directory.",
+                                show_default=False),
+    adapters: List[Path] = typer.Argument(..., help="One or more adapter directories (or their "
+                                          ".safetensors files).", show_default=False),
+    output: Optional[Path] = typer.Option(None, "-o", "--output",
+                                          help="Where to write (default: <base>-merged.<ext> beside the base)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Cast floating tensors: float32, bfloat16 or float16."),
+    weights: Optional[List[float]] = typer.Option(None, "--weights", help="One weight per adapter (default 1 each).",
+                                                  show_default=False),
+    verify: bool = typer.Option(False, "--verify", help="Check merged outputs against base+adapter on held-out data."),
+    ignore_fingerprint: bool = typer.Option(False, "--ignore-fingerprint",
+                                            help="Merge even if the base differs from the adapter's."),
+) -> None:
+    """Fold LoRA adapters into base weights: W' = W + weight * (alpha/r) * B @ A."""
+    from .adapter import read_adapter
+    from .console import show_merge, show_verification
+    from .evaluate import verify_merge
+    from .merge import merge_checkpoint
+
+    if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
+        raise UserError(f"unknown dtype {dtype!r}", where="--dtype", fix="use float32, bfloat16 or float16")
+    if verify and (len(adapters) > 1 or (weights and weights != [1.0])):
+        raise UserError("--verify checks one adapter at weight 1", where="--verify",
+                        fix="merge and verify adapters one at a time")
+    loaded = [read_adapter(a) for a in adapters]
+    report = merge_checkpoint(base, loaded, output, weights=weights or None, dtype=dtype, force=force,
+                              check_base=not ignore_fingerprint)
+    show_merge(report)
+    if verify:
+        result = verify_merge(adapters[0], base, report.output)
+        show_verification(result)
+        if not result.ok:
+            raise typer.Exit(1)
+
+
+@_user_errors
+def eval_command(
+    source: Path = typer.Argument(..., help="An adapter directory, or the training config.", show_default=False),
+    data: Optional[str] = typer.Option(None, "--data", help="Held-out file (default: the config's eval data)."),
+    merged: Optional[str] = typer.Option(None, "--merged", help="Evaluate this merged checkpoint instead of "
+                                         "base+adapter."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Examples per batch."),
+    ignore_fingerprint: bool = typer.Option(False, "--ignore-fingerprint",
+                                            help="Load the adapter even if the base differs from its own."),
+) -> None:
+    """Measure the base model and base+adapter side by side on held-out data."""
+    from .console import show_comparison, show_json
+    from .evaluate import compare
+
+    result = compare(source, data=data, merged=merged, batch_size=batch_size, check_base=not ignore_fingerprint)
+    if as_json:
+        show_json(result.as_dict())
+    else:
+        show_comparison(result)
 
 
 train_app = _app("Train a LoRA adapter from a YAML config.")
 train_app.command(epilog=TRAIN_EXAMPLES)(train_command)
 
+merge_app = _app("Fold LoRA adapters into base weights.")
+merge_app.command(epilog=MERGE_EXAMPLES)(merge_command)
+eval_app = _app("Evaluate base and base+adapter on held-out data.")
+eval_app.command(epilog=EVAL_EXAMPLES)(eval_command)
+
 app = _app("lora-cli: LoRA fine-tuning from one YAML file.")
 app.command("train", epilog=TRAIN_EXAMPLES)(train_command)
+app.command("merge", epilog=MERGE_EXAMPLES)(merge_command)
+app.command("eval", epilog=EVAL_EXAMPLES)(eval_command)
 
 
 def main() -> None:

@@ -59,11 +59,14 @@ def _field(default: Any = REQUIRED, doc: str = "", *, required: str = "") -> Any
 class ModelSection:
     """The base model: a built-in architecture or your own torch module, and its weights."""
 
-    arch: str | None = _field(None, "Built-in architecture: linear, mlp or gpt (set this or class_path).")
-    class_path: str | None = _field(None, "Your own torch.nn.Module as 'pkg.module:Class' (set this or arch).")
+    arch: str | None = _field(None, "Built-in architecture: linear, mlp or gpt (set one of arch, class_path, hf).")
+    class_path: str | None = _field(None, "Your own torch.nn.Module as 'pkg.module:Class'.")
+    hf: str | None = _field(None, "A Hugging Face model directory on disk (weights, config, tokenizer); "
+                            "needs the hf extra. Nothing is downloaded.")
     args: dict = _field({}, "Keyword arguments passed to the model's constructor.")
     base: str | None = _field(
-        doc="Base weights (.pt or .safetensors); null starts from random weights (demo only).",
+        doc="Base weights (.pt or .safetensors); null starts from random weights (demo only). "
+        "Not used with hf, whose directory holds the weights.",
         required="a path to the base weights (.pt or .safetensors), "
         "or null to start from random weights (demo only)",
     )
@@ -79,7 +82,8 @@ class DataSection:
     val_split: float | None = _field(None, "Fraction of train held out for evaluation, 0 < x < 1; excludes eval.")
     features: list[str] | None = _field(None, "Tabular input columns; null means every column but target.")
     target: str = _field("y", "Tabular target column.")
-    text_field: str = _field("text", "JSONL field holding the text (causal_lm).")
+    text_field: str = _field("text", "JSONL field holding the text (causal_lm, or text classification with hf).")
+    train_on_prompt: bool = _field(False, "causal_lm: also train on prompt tokens, not only on the answer.")
     max_seq_len: int = _field(256, "Longest token sequence for causal_lm; longer text is cut (>= 2).")
 
 
@@ -150,6 +154,8 @@ class Rule(NamedTuple):
     nonempty: bool = False
 
 
+_F32_MAX = 3.4028234663852886e38   # larger values overflow the float32 math they feed
+
 _RULES: dict[str, Rule] = {
     "seed": Rule(min=0, max=2**32 - 1),
     "device": Rule(choices=("auto", "cpu", "cuda", "cuda:N", "mps"), pattern=r"auto|cpu|cuda|cuda:\d+|mps"),
@@ -164,7 +170,7 @@ _RULES: dict[str, Rule] = {
     "data.text_field": Rule(nonempty=True),
     "data.max_seq_len": Rule(min=2),
     "lora.rank": Rule(min=1),
-    "lora.alpha": Rule(min=0, min_open=True),
+    "lora.alpha": Rule(min=0, max=_F32_MAX, min_open=True),
     "lora.dropout": Rule(min=0, max=1, max_open=True),
     "lora.target_modules": Rule(nonempty=True),
     "lora.bias": Rule(choices=("none", "all", "lora_only")),
@@ -172,7 +178,7 @@ _RULES: dict[str, Rule] = {
     "train.max_steps": Rule(min=1),
     "train.batch_size": Rule(min=1),
     "train.grad_accum": Rule(min=1),
-    "train.lr": Rule(min=0, min_open=True),
+    "train.lr": Rule(min=0, max=_F32_MAX, min_open=True),
     "train.optimizer": Rule(choices=("adamw", "adam", "sgd")),
     "train.weight_decay": Rule(min=0),
     "train.scheduler": Rule(choices=("cosine", "linear", "constant")),
@@ -360,6 +366,8 @@ def _check_section(cls: type, data: Mapping, prefix: str, problems: list[str]) -
             out[name] = f.default
         elif f.default_factory is not MISSING:
             out[name] = f.default_factory()
+        elif path == "model.base" and data.get("hf"):
+            out[name] = None   # the hf directory holds the weights
         else:
             problems.append(f"{path}: required: {f.metadata['required']}")
     return out
@@ -440,11 +448,16 @@ def _plain(value: Any) -> Any:
 def _check_together(values: dict, problems: list[str], check_files: bool) -> None:
     """Checks that span fields; each runs only when the fields it reads are valid."""
     model, data, lora = values.get("model", {}), values.get("data", {}), values.get("lora", {})
-    if "arch" in model and "class_path" in model:
-        given = (model["arch"] is not None) + (model["class_path"] is not None)
-        if given != 1:
-            problems.append(f"model: set exactly one of model.arch (linear, mlp, gpt) or model.class_path "
-                            f"('pkg.module:Class'), got {'both' if given else 'neither'}")
+    if all(k in model for k in ("arch", "class_path", "hf")):
+        given = [k for k in ("arch", "class_path", "hf") if model[k] is not None]
+        if len(given) != 1:
+            problems.append(f"model: set exactly one of model.arch (linear, mlp, gpt), model.class_path "
+                            f"('pkg.module:Class') or model.hf (a model directory), got "
+                            f"{' and '.join(given) if given else 'none'}")
+    if model.get("hf") is not None and model.get("base") is not None:
+        problems.append("model.base: not used with model.hf (the directory holds the weights); remove it")
+    if model.get("hf") is not None and values.get("task") == "regression":
+        problems.append("task: model.hf supports causal_lm and classification, got 'regression'")
     class_path = model.get("class_path")
     if class_path is not None and not _CLASS_PATH.fullmatch(class_path):
         problems.append(f"model.class_path: must look like 'package.module:ClassName', got {class_path!r}")
@@ -467,6 +480,9 @@ def _check_together(values: dict, problems: list[str], check_files: bool) -> Non
             problems.append(f"{path}: unsupported file type {suffix or '(none)'!r} for task {task!r}, "
                             f"expected {' or '.join(allowed)}")
     if check_files:
+        hf = model.get("hf")
+        if hf and not os.path.isdir(hf):
+            problems.append(f"model.hf: directory not found: {hf}")
         for path, section, key in (("data.train", data, "train"), ("data.eval", data, "eval"),
                                    ("model.base", model, "base")):
             file = section.get(key)
@@ -519,7 +535,8 @@ def _expect(tp: Any, rule: Rule) -> str:
             text = text.replace("a ", "a non-empty ", 1)
         if arm in (int, float):
             bounds = [f"{'>' if rule.min_open else '>='} {rule.min}"] if rule.min is not None else []
-            bounds += [f"{'<' if rule.max_open else '<='} {rule.max}"] if rule.max is not None else []
+            shown = "3.4e38" if rule.max == _F32_MAX else rule.max
+            bounds += [f"{'<' if rule.max_open else '<='} {shown}"] if rule.max is not None else []
             text = " ".join([text, " and ".join(bounds)]) if bounds else text
         texts.append(text)
     return " or ".join(texts + ["null"] * (type(None) in arms))
@@ -574,3 +591,15 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 raise yaml.constructor.ConstructorError(
                     None, None, f"duplicate key {key!r}", key_node.start_mark)
         return super().construct_mapping(node, deep=deep)
+
+
+def schema_markdown() -> str:
+    """The config reference as a Markdown table (the README's copy is checked against it)."""
+    def show(value: Any) -> str:
+        if value is REQUIRED:
+            return "**required**"
+        return "`" + (yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()) + "`"
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for key, info in describe_schema().items():
+        lines.append(f"| `{key}` | {info.type.replace('|', '&#124;')} | {show(info.default)} | {info.doc} |")
+    return "\n".join(lines)

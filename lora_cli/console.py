@@ -83,10 +83,28 @@ def show_plan(plan) -> None:
             desc = datalib.describe(part)
             table.add_row(name, part.source, ", ".join(f"{k} {_num(v)}" for k, v in desc.items()))
     out.print(table)
+    if isinstance(d.train, datalib.TextData) and d.tokenizer is not None and hasattr(d.tokenizer, "decode"):
+        show_example(d.train, d.tokenizer)
     t = plan.cfg.train
     out.print(f"device {plan.device}, dtype {plan.cfg.dtype}; batch {t.batch_size} x grad_accum {t.grad_accum}; "
               f"{plan.steps_per_epoch} steps per epoch, {plan.total_steps} steps in all "
               f"({plan.epochs} epoch{'s' if plan.epochs != 1 else ''})")
+
+
+def show_example(data, tokenizer) -> None:
+    """The first training example as the model sees it: the trained part between ⟦ ⟧."""
+    from rich.text import Text
+
+    ids, mask = data.examples[0]
+    text = Text()
+    start = 0
+    for i in range(1, len(ids) + 1):   # runs of equal mask
+        if i == len(ids) or mask[i] != mask[start]:
+            piece = tokenizer.decode(ids[start:i])
+            text.append(f"⟦{piece}⟧" if mask[start] else piece, style="bold green" if mask[start] else "dim")
+            start = i
+    out.print("first training example (loss on the part in ⟦ ⟧):")
+    out.print(text, soft_wrap=True)
 
 
 class ProgressReporter:
@@ -159,3 +177,50 @@ def show_train_result(result) -> None:
 def show_json(data) -> None:
     """Machine-readable output: one JSON object on stdout, nothing else."""
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def show_merge(report) -> None:
+    """What lora-merge did."""
+    out.print(f"merged {len(report.changed)} of {report.tensors} tensors into [bold]{report.output}[/] "
+              f"({report.format}, {_size(report.bytes)})")
+    if report.added:
+        out.print(f"added {len(report.added)} tensors the base did not have (new modules): "
+                  f"{', '.join(report.added[:6])}{' ...' if len(report.added) > 6 else ''}")
+    out.print(f"largest |delta W|: {report.max_delta:.4g}")
+
+
+def show_verification(result) -> None:
+    """The outcome of lora-merge --verify."""
+    verdict = "[green]ok[/]" if result.ok else "[bold red]FAILED[/]"
+    out.print(f"verify: max |merged - (base+adapter)| = {result.max_abs_diff:.3g} over {result.batches} "
+              f"batches (tolerance {result.tolerance:.3g}): {verdict}")
+
+
+def show_comparison(result) -> None:
+    """Base and adapted metrics side by side, with the difference."""
+    table = Table(title=f"{result.task} on {result.data}", title_justify="left")
+    table.add_column("metric")
+    table.add_column("base", justify="right")
+    table.add_column(result.adapted_label, justify="right")
+    table.add_column("delta", justify="right")
+    delta = result.delta()
+    for key, value in result.base.items():
+        if key in delta:
+            table.add_row(key, _num(value), _num(result.adapted[key]), f"{delta[key]:+.4g}")
+    out.print(table)
+    out.print(f"{result.base.get('n', 0):,} {'target tokens' if result.task == 'causal_lm' else 'examples'}")
+    confusion = result.adapted.get("confusion")
+    if confusion and len(confusion) <= 10:
+        cm = Table(title=f"confusion ({result.adapted_label}; rows true, columns predicted)", title_justify="left")
+        cm.add_column("")
+        for j in range(len(confusion)):
+            cm.add_column(str(j), justify="right")
+        for i, row in enumerate(confusion):
+            cm.add_row(str(i), *(str(v) for v in row))
+        out.print(cm)
+
+
+def show_interrupted(stop, resume_command: str) -> None:
+    """The line a stopped run leaves: where its checkpoint is and how to go on."""
+    err.print(f"[yellow]stopped[/] after step {stop.step} (signal {stop.signum}); checkpoint: {stop.checkpoint}")
+    err.print(f"resume with: [bold]{resume_command}[/]", soft_wrap=True)

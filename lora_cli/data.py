@@ -253,6 +253,29 @@ def _label_key(label: str):
     return (0, number, label) if math.isfinite(number) else (1, 0.0, label)
 
 
+def _known_label(value, column: str, where: str, label_map: dict[str, int] | None) -> str:
+    """The label text of one row; with a ``label_map`` (eval data) it must be a known one."""
+    label = _label(value, column, where)
+    if label_map is not None and label not in label_map:
+        known = sorted(label_map, key=_label_key)
+        shown = known if len(known) <= 20 else known[:20] + ["..."]
+        raise DataError(f"label {label!r} was not in the training data; known labels: {shown}", where=where,
+                        fix="add examples of this label to the training data, or remove this row")
+    return label
+
+
+def _class_ids(labels: list[str], label_map: dict[str, int] | None, column: str,
+               file: str) -> tuple[Tensor, dict[str, int]]:
+    """(class ids (N,), label map); the map is built from ``labels`` when not given."""
+    if label_map is None:
+        label_map = {lab: i for i, lab in enumerate(sorted(set(labels), key=_label_key))}
+        if len(label_map) < 2:
+            raise DataError(f"classification needs at least 2 distinct labels in {column!r}, "
+                            f"found {list(label_map)}", where=file,
+                            fix="add examples of other classes, or use task: regression")
+    return torch.tensor([label_map[lab] for lab in labels], dtype=torch.int64), dict(label_map)
+
+
 def load_tabular(path, *, task: str, target: str = "y", features: list[str] | None = None,
                  label_map: dict[str, int] | None = None) -> TabularData:
     """Load a ``.csv`` or ``.jsonl`` table for ``regression`` or ``classification``.
@@ -297,28 +320,14 @@ def load_tabular(path, *, task: str, target: str = "y", features: list[str] | No
         if not classify:
             ys.append(_number(record[target], target, where))
             continue
-        label = _label(record[target], target, where)
-        if label_map is not None and label not in label_map:
-            known = sorted(label_map, key=_label_key)
-            shown = known if len(known) <= 20 else known[:20] + ["..."]
-            raise DataError(f"label {label!r} was not in the training data; known labels: "
-                            f"{shown}", where=where,
-                            fix="add examples of this label to the training data, "
-                                "or remove this row")
+        label = _known_label(record[target], target, where, label_map)
         ys.append(label)
 
     if not xs:
         raise DataError("file has a header but no data rows", where=f"{file}:{header_line}",
                         fix="add one row per example below the header")
     if classify:
-        if label_map is None:
-            label_map = {lab: i for i, lab in enumerate(sorted(set(ys), key=_label_key))}
-            if len(label_map) < 2:
-                raise DataError(f"classification needs at least 2 distinct labels in "
-                                f"{target!r}, found {list(label_map)}", where=file,
-                                fix="add examples of other classes, or use task: regression")
-        y = torch.tensor([label_map[lab] for lab in ys], dtype=torch.int64)  # (N,)
-        label_map = dict(label_map)
+        y, label_map = _class_ids(ys, label_map, target, file)
     else:
         y = torch.tensor(ys, dtype=torch.float32)  # (N,)
     x = torch.tensor(xs, dtype=torch.float32)  # (N, F)
@@ -341,44 +350,93 @@ def _text_value(obj: dict, key: str, where: str) -> str:
     return value
 
 
-def _example(obj: dict, text_field: str, tokenizer, where: str) -> tuple[list[int], list[int]]:
-    """(ids, mask) for one JSONL object, before truncation."""
-    has_text = text_field in obj
-    has_pair = "prompt" in obj and "completion" in obj
-    if has_text and has_pair:
-        raise DataError(f"object has both {text_field!r} and 'prompt'/'completion'",
-                        where=where, fix="use one of the two formats per line")
-    if has_text:
+INSTRUCTION_TEMPLATE = ("### Instruction:\n{instruction}\n\n", "### Input:\n{input}\n\n", "### Response:\n")
+"""How an ``instruction``/``input``/``output`` record becomes a prompt (the input part
+only when the record has a non-empty input); the answer is the output."""
+
+
+def _render(obj: dict, text_field: str, tokenizer, where: str) -> tuple[str, str | None]:
+    """(prompt, answer) of one JSONL record; answer None for a plain text record.
+
+    Records: ``{text_field: ...}``; ``{"prompt", "completion"}``; ``{"instruction",
+    "input" (optional), "output"}``; ``{"messages": [{"role", "content"}, ...]}`` ending
+    with an assistant turn (rendered with the tokenizer's chat template when it has one).
+    """
+    formats = [name for name, keys in (("text", (text_field,)), ("prompt/completion", ("prompt", "completion")),
+                                       ("instruction/output", ("instruction", "output")),
+                                       ("messages", ("messages",))) if all(k in obj for k in keys)]
+    if len(formats) > 1:
+        raise DataError(f"object mixes the {' and '.join(formats)} formats", where=where,
+                        fix="use one format per line")
+    if not formats:
+        keys, expected = list(obj), (text_field, "prompt", "completion", "instruction", "output", "messages")
+        others = [k for k in keys if k not in expected]
+        hint = next((s for k in expected if (s := _suggest(k, others))), "")
+        raise DataError(f"object has keys {keys}{hint}; expected {text_field!r}, 'prompt' and 'completion', "
+                        "'instruction' and 'output', or 'messages'", where=where,
+                        fix=f'write {{"{text_field}": ...}} or {{"prompt": ..., "completion": ...}}'
+                            " (or set data.text_field)")
+    kind = formats[0]
+    if kind == "text":
         text = _text_value(obj, text_field, where)
         if not text.strip():
             raise DataError(f"{text_field!r} is empty", where=where, fix="remove this line")
-        ids = list(tokenizer.encode(text)) + [tokenizer.eos_id]
-        mask = [1] * len(ids)
-    elif has_pair:
-        prompt = _text_value(obj, "prompt", where)
-        completion = _text_value(obj, "completion", where)
-        if not completion.strip():
-            raise DataError("'completion' is empty", where=where,
-                            fix="give every prompt a non-empty completion")
-        prompt_ids = list(tokenizer.encode(prompt))
-        target_ids = list(tokenizer.encode(completion)) + [tokenizer.eos_id]
-        ids = prompt_ids + target_ids
-        mask = [0] * len(prompt_ids) + [1] * len(target_ids)
+        return text, None
+    if kind == "prompt/completion":
+        prompt, answer, answer_key = _text_value(obj, "prompt", where), _text_value(obj, "completion", where), \
+            "completion"
+    elif kind == "instruction/output":
+        head, with_input, tail = INSTRUCTION_TEMPLATE
+        extra = _text_value(obj, "input", where) if "input" in obj else ""
+        prompt = head.format(instruction=_text_value(obj, "instruction", where)) + \
+            (with_input.format(input=extra) if extra.strip() else "") + tail
+        answer, answer_key = _text_value(obj, "output", where), "output"
     else:
-        keys, expected = list(obj), (text_field, "prompt", "completion")
-        others = [k for k in keys if k not in expected]
-        hint = next((s for k in expected if (s := _suggest(k, others))), "")
-        raise DataError(f"object has keys {keys}{hint}; expected {text_field!r}, "
-                        f"or both 'prompt' and 'completion'", where=where,
-                        fix=f'write {{"{text_field}": ...}} or {{"prompt": ..., "completion": ...}}'
-                            " (or set data.text_field)")
+        prompt, answer = _render_messages(obj["messages"], tokenizer, where)
+        answer_key = "the last assistant message"
+    if not answer.strip():
+        raise DataError(f"{answer_key!r} is empty" if answer_key[0] != "t" else f"{answer_key} is empty",
+                        where=where, fix="give every example a non-empty answer")
+    return prompt, answer
+
+
+def _render_messages(messages, tokenizer, where: str) -> tuple[str, str]:
+    if not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages):
+        raise DataError("'messages' must be a non-empty list of {\"role\": ..., \"content\": ...} objects",
+                        where=where, fix='write "messages": [{"role": "user", "content": "..."}, ...]')
+    if messages[-1]["role"] != "assistant":
+        raise DataError(f"the last message is from {messages[-1]['role']!r}, not the assistant",
+                        where=where, fix="end each conversation with the assistant's answer to train on")
+    render = getattr(tokenizer, "render_chat", None)
+    if render is not None:
+        return render(messages)
+    history = "".join(f"{m['role']}: {m['content']}\n" for m in messages[:-1])
+    return history + "assistant: ", messages[-1]["content"]
+
+
+def _example(obj: dict, text_field: str, tokenizer, where: str,
+             train_on_prompt: bool = False) -> tuple[list[int], list[int]]:
+    """(ids, mask) for one JSONL object, before truncation: the answer (and eos) are
+    targets, the prompt is not unless ``train_on_prompt``."""
+    prompt, answer = _render(obj, text_field, tokenizer, where)
+    if answer is None:
+        ids = list(tokenizer.encode(prompt)) + [tokenizer.eos_id]
+        mask = [1] * len(ids)
+    else:
+        prompt_ids = list(tokenizer.encode(prompt))
+        target_ids = list(tokenizer.encode(answer)) + [tokenizer.eos_id]
+        ids = prompt_ids + target_ids
+        mask = [int(train_on_prompt)] * len(prompt_ids) + [1] * len(target_ids)
     if len(ids) < 2:
         raise DataError("text encodes to fewer than 2 tokens", where=where,
                         fix="remove this line or make the text longer")
     return ids, mask
 
 
-def load_text(path, *, tokenizer, text_field: str = "text", max_seq_len: int = 256) -> TextData:
+def load_text(path, *, tokenizer, text_field: str = "text", max_seq_len: int = 256,
+              train_on_prompt: bool = False) -> TextData:
     """Load a ``.txt`` or ``.jsonl`` file for ``causal_lm``.
 
     ``.txt``: the whole file is tokenized (no eos) and cut into consecutive windows of
@@ -410,7 +468,7 @@ def load_text(path, *, tokenizer, text_field: str = "text", max_seq_len: int = 2
                             fix="put more training text in it")
     else:
         for line, obj in _jsonl_objects(text, file):
-            ids, mask = _example(obj, text_field, tokenizer, f"{file}:{line}")
+            ids, mask = _example(obj, text_field, tokenizer, f"{file}:{line}", train_on_prompt)
             cut.append(len(ids) > max_seq_len)
             examples.append((ids[:max_seq_len], mask[:max_seq_len]))
         if not examples:
@@ -419,10 +477,64 @@ def load_text(path, *, tokenizer, text_field: str = "text", max_seq_len: int = 2
     return TextData(examples, sum(cut), file, cut)
 
 
+@dataclass(eq=False)
+class TextClassData:
+    """Texts with class labels (classification with a Hugging Face model)."""
+
+    examples: list[list[int]]                 # token ids per text
+    y: Tensor                                 # (N,) int64 class ids
+    label_map: dict[str, int]
+    target: str
+    truncated: int = 0
+    source: str = ""
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+
+def load_text_classification(path, *, tokenizer, text_field: str = "text", target: str = "label",
+                             max_seq_len: int = 256, label_map: dict[str, int] | None = None) -> TextClassData:
+    """Load ``{text_field: ..., target: label}`` JSONL records; texts longer than
+    ``max_seq_len`` tokens keep their beginning and are counted in ``truncated``."""
+    file = str(path)
+    _check_suffix(path, (".jsonl",), "classification with a text model")
+    examples, labels, truncated = [], [], 0
+    for line, obj in _jsonl_objects(_read(path), file):
+        where = f"{file}:{line}"
+        for key in (text_field, target):
+            if key not in obj:
+                raise DataError(f"object lacks {key!r}{_suggest(key, list(obj))}; it has {list(obj)}",
+                                where=where, fix=f"give every line {text_field!r} and {target!r}")
+        ids = list(tokenizer.encode(_text_value(obj, text_field, where)))
+        if not ids:
+            raise DataError(f"{text_field!r} is empty", where=where, fix="remove this line")
+        truncated += len(ids) > max_seq_len
+        examples.append(ids[:max_seq_len])
+        labels.append(_known_label(obj[target], target, where, label_map))
+    if not examples:
+        raise DataError("file has no examples", where=f"{file}:1",
+                        fix=f'write one {{"{text_field}": ..., "{target}": ...}} object per line')
+    y, label_map = _class_ids(labels, label_map, target, file)
+    return TextClassData(examples, y, label_map, target, truncated, file)
+
+
+def text_class_batch(data: TextClassData, indices: Tensor, pad_id: int) -> tuple[Tensor, Tensor]:
+    """(input_ids (B, T) right-padded with ``pad_id``, class ids (B,))."""
+    rows = [data.examples[i] for i in torch.as_tensor(indices).tolist()]
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.int64)   # (B, T)
+    for b, ids in enumerate(rows):
+        input_ids[b, :len(ids)] = torch.tensor(ids, dtype=torch.int64)
+    return input_ids, data.y[torch.as_tensor(indices, dtype=torch.int64)]
+
+
 # ----------------------------------------------------------------------------- splits and batches
 
 
-def _subset(data: TabularData | TextData, indices: Tensor):
+def _subset(data, indices: Tensor):
+    if isinstance(data, TextClassData):
+        rows = indices.tolist()
+        return replace(data, examples=[data.examples[i] for i in rows], y=data.y[indices])
     if isinstance(data, TabularData):
         label_map = None if data.label_map is None else dict(data.label_map)
         return replace(data, x=data.x[indices], y=data.y[indices], label_map=label_map)
@@ -493,8 +605,11 @@ def text_batch(data: TextData, indices: Tensor, pad_id: int) -> tuple[Tensor, Te
     return input_ids, labels
 
 
-def describe(data: TabularData | TextData) -> dict:
+def describe(data: TabularData | TextData | TextClassData) -> dict:
     """A few summary numbers for display."""
+    if isinstance(data, TextClassData):
+        return {"examples": len(data), "classes": len(data.label_map),
+                "tokens": sum(len(ids) for ids in data.examples), "truncated": data.truncated}
     if isinstance(data, TabularData):
         summary = {"rows": len(data), "features": len(data.features)}
         if data.label_map is not None:

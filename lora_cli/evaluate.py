@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .errors import UserError
 
 TASKS = ("regression", "classification", "causal_lm")
 IGNORE = -100
@@ -116,3 +121,139 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     finally:
         model.train(was_training)
     return tally.result()
+
+
+# --- base vs adapted (lora-eval) and merged vs unmerged (lora-merge --verify) -----------
+
+@dataclass
+class Comparison:
+    """Metrics of the base and of the adapted (or merged) model on the same data."""
+
+    task: str
+    data: str
+    base: dict
+    adapted: dict
+    adapted_label: str
+
+    def delta(self) -> dict:
+        return {k: self.adapted[k] - v for k, v in self.base.items()
+                if isinstance(v, (int, float)) and k != "n" and k in self.adapted}
+
+    def as_dict(self) -> dict:
+        return {"task": self.task, "data": self.data, "base": self.base, self.adapted_label: self.adapted,
+                "delta": self.delta()}
+
+
+def _source(source: str | os.PathLike):
+    """(config, adapter) from an adapter path, or from a training config and its output."""
+    from .adapter import read_adapter
+    from .config import load_config
+    from .pipeline import config_from_adapter
+
+    source = Path(source)
+    if source.is_file() and source.suffix in (".yaml", ".yml"):
+        cfg = load_config(source, check_files=False)
+        adapter_dir = Path(cfg.output_dir) / "adapter"
+        if not adapter_dir.exists():
+            raise UserError("the config's run has no adapter yet", where=str(adapter_dir),
+                            fix=f"run lora-train {source} first, or pass the adapter directory")
+        return cfg, read_adapter(adapter_dir)
+    adapter = read_adapter(source)
+    return config_from_adapter(adapter), adapter
+
+
+def compare(source: str | os.PathLike, *, data: str | None = None, merged: str | None = None,
+            batch_size: int | None = None, check_base: bool = True) -> Comparison:
+    """Evaluate the base model and base+adapter (or a merged checkpoint) on held-out data.
+
+    ``source`` is an adapter directory / .safetensors file (the model is rebuilt from
+    its saved metadata) or a training config (its output_dir's adapter is used).
+    """
+    from .adapter import load_adapter
+    from .pipeline import autocast_for, batches, build_base, load_heldout, resolve_device, search_path_of
+
+    cfg, adapter = _source(source)
+    meta = adapter.meta
+    held = load_heldout(cfg, data, label_map=meta.get("label_map"), features=meta.get("features"))
+    device = resolve_device(cfg.device)
+    autocast = autocast_for(device, cfg.dtype)
+    size = batch_size or cfg.train.batch_size
+    pad = held.tokenizer.pad_id if held.tokenizer is not None else None
+
+    def run(model: nn.Module) -> dict:
+        model.to(device)
+        order = torch.arange(len(held.eval))
+        return evaluate(model, batches(held.eval, order, size, pad), cfg.task,
+                        num_classes=held.num_classes, device=device, autocast=autocast)
+
+    search = search_path_of(adapter)
+    model, _, _ = build_base(cfg, held, search_path=search)
+    base_metrics = run(model)
+    if merged:
+        fresh, _, _ = build_base(cfg, held, search_path=search, weights=merged)
+        adapted, label = run(fresh), "merged"
+    else:
+        model.to("cpu")
+        load_adapter(model, adapter, check_base=check_base)
+        adapted, label = run(model), "adapted"
+    return Comparison(task=cfg.task, data=held.eval.source, base=base_metrics, adapted=adapted,
+                      adapted_label=label)
+
+
+@dataclass
+class Verification:
+    """Largest output difference between base+adapter and the merged weights."""
+
+    max_abs_diff: float
+    tolerance: float
+    batches: int
+
+    @property
+    def ok(self) -> bool:
+        return self.max_abs_diff <= self.tolerance
+
+
+TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-6, torch.bfloat16: 5e-2, torch.float16: 5e-3}
+
+
+@torch.no_grad()
+def verify_merge(adapter_path: str | os.PathLike, base: str | os.PathLike, merged: str | os.PathLike, *,
+                 data: str | None = None, max_batches: int = 4, batch_size: int = 8) -> Verification:
+    """Run a few held-out batches through base+adapter and through the merged weights.
+
+    The tolerance is relative to the outputs' scale and looser for a merged checkpoint
+    saved in a lower precision than the base.
+    """
+    from .adapter import load_adapter, read_adapter
+    from .pipeline import batches, build_base, config_from_adapter, load_heldout, search_path_of
+    from .streaming import SafetensorsReader
+
+    adapter = read_adapter(adapter_path)
+    cfg = config_from_adapter(adapter)
+    meta = adapter.meta
+    try:
+        held = load_heldout(cfg, data, label_map=meta.get("label_map"), features=meta.get("features"))
+    except UserError:
+        held = load_heldout(cfg, cfg.data.train, label_map=meta.get("label_map"), features=meta.get("features"))
+    search = search_path_of(adapter)
+    adapted, _, _ = build_base(cfg, held, search_path=search, weights=str(base))
+    load_adapter(adapted, adapter, check_base=False)
+    merged_model, _, _ = build_base(cfg, held, search_path=search, weights=str(merged))
+    adapted.eval()
+    merged_model.eval()
+    merged = Path(merged)
+    if merged.suffix == ".safetensors":
+        dtypes = {d for _, d in SafetensorsReader(merged).specs.values() if d.is_floating_point}
+    else:
+        dtypes = {p.dtype for p in merged_model.parameters()}
+    tol = max(TOLERANCE.get(d, 1e-4) for d in dtypes) if dtypes else 1e-4
+    pad = held.tokenizer.pad_id if held.tokenizer is not None else None
+    worst, scale, n = 0.0, 1.0, 0
+    for inputs, _ in batches(held.eval, torch.arange(len(held.eval)), batch_size, pad):
+        a, b = forward(adapted, inputs).float(), forward(merged_model, inputs).float()
+        worst = max(worst, float((a - b).abs().max()))
+        scale = max(scale, float(a.abs().max()))
+        n += 1
+        if n >= max_batches:
+            break
+    return Verification(max_abs_diff=worst, tolerance=tol * scale, batches=n)

@@ -97,10 +97,13 @@ def adaptable_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def _overview(paths: Iterable[str]) -> str:
-    """'q_proj (x4), k_proj (x4), ...' with one full path as an example."""
+    """The full paths of a small model; for a large one 'q_proj (x4), k_proj (x4), ...'
+    with one full path as an example."""
     paths = list(paths)
     if not paths:
         return "none"
+    if len(paths) <= 12:
+        return ", ".join(paths)
     counts = Counter(p.rsplit(".", 1)[-1] for p in paths)
     leaves = ", ".join(f"{leaf} (x{n})" if n > 1 else leaf for leaf, n in counts.items())
     return f"{leaves}; full paths look like '{paths[-1]}'"

@@ -79,7 +79,8 @@ class Merger:
         self.new_modules: set[str] = set()        # modules_to_save the base may lack (a new head)
         self.added: dict[str, torch.Tensor] = {}  # set by check(): tensors to add to the base
         for adapter, w in zip(self.adapters, weights):
-            self.new_modules |= set(adapter.config.get("modules_to_save") or [])
+            if adapter.config.get("task_type") == "SEQ_CLS":   # a classifier's head is new to its base
+                self.new_modules |= set(adapter.config.get("modules_to_save") or [])
             for path, update in adapter.updates.items():
                 self.updates.setdefault(f"{path}.weight", []).append((w, update))
             for key, t in adapter.replacements.items():
@@ -195,6 +196,14 @@ def merge_checkpoint(base: str | os.PathLike, adapters: Sequence[Adapter], out: 
         raise UserError("the output would overwrite the base", where=str(out), fix="choose another -o path")
     if out.exists() and not force:
         raise UserError("output already exists", where=str(out), fix="pass --force to replace it, or -o another path")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise UserError(f"output cannot be written: {out.parent} is a file", where=str(out),
+                        fix="choose another -o path")
+    if not out.parent.exists():
+        raise UserError(f"the folder {out.parent} does not exist", where=str(out),
+                        fix="create it first, or choose another -o path")
+    if not os.access(out.parent, os.W_OK):
+        raise UserError(f"the folder {out.parent} is not writable", where=str(out), fix="choose another -o path")
     target_dtype = _DTYPES[dtype] if dtype else None
     merger = Merger(adapters, weights)
 

@@ -17,9 +17,10 @@ import torch
 from torch import nn
 
 from . import data as datalib
-from .config import Config, config_to_dict
-from .errors import ConfigError
-from .inject import apply_lora
+from .adapter import Adapter, base_fingerprint
+from .config import Config, config_from_dict, config_to_dict
+from .errors import ConfigError, UserError
+from .inject import apply_lora, get_spec
 from .models import build_model, infer_args, load_base_weights
 from .tokenizer import ByteTokenizer
 
@@ -49,6 +50,8 @@ class Built:
     data: Datasets
     model_args: dict
     notes: list[str] = field(default_factory=list)
+    search_path: str | None = None
+    fingerprint: dict | None = None   # of the base as loaded, before any dtype cast
 
 
 def resolve_device(name: str) -> torch.device:
@@ -75,42 +78,120 @@ def autocast_for(device: torch.device, dtype: str):
     return lambda: torch.autocast(device_type=device.type, dtype=DTYPES[dtype])
 
 
-def load_data(cfg: Config) -> Datasets:
-    """Read and validate the training and held-out data the config names."""
+def make_tokenizer(cfg: Config):
+    """The tokenizer of a text task: the model directory's for hf, else bytes."""
+    if cfg.model.hf:
+        from .models import hf
+        return hf.load_tokenizer(cfg.model.hf)
+    return ByteTokenizer() if cfg.task == "causal_lm" else None
+
+
+def read_split(cfg: Config, path: str, *, tokenizer=None, label_map: dict | None = None,
+               features: list[str] | None = None):
+    """One data file read the way ``cfg`` says: tokenized text, labelled text, or a table."""
     d = cfg.data
     if cfg.task == "causal_lm":
-        tok = ByteTokenizer()
-        train = datalib.load_text(d.train, tokenizer=tok, text_field=d.text_field, max_seq_len=d.max_seq_len)
-        held = datalib.load_text(d.eval, tokenizer=tok, text_field=d.text_field,
-                                 max_seq_len=d.max_seq_len) if d.eval else None
-        out = Datasets(train, held, tokenizer=tok)
+        return datalib.load_text(path, tokenizer=tokenizer, text_field=d.text_field, max_seq_len=d.max_seq_len,
+                                 train_on_prompt=d.train_on_prompt)
+    if tokenizer is not None:
+        return datalib.load_text_classification(path, tokenizer=tokenizer, text_field=d.text_field,
+                                                target=d.target, max_seq_len=d.max_seq_len, label_map=label_map)
+    return datalib.load_tabular(path, task=cfg.task, target=d.target, features=features or d.features,
+                                label_map=label_map)
+
+
+def load_data(cfg: Config) -> Datasets:
+    """Read and validate the training and held-out data the config names."""
+    tok = make_tokenizer(cfg)
+    train = read_split(cfg, cfg.data.train, tokenizer=tok)
+    label_map, features = getattr(train, "label_map", None), getattr(train, "features", None)
+    held = read_split(cfg, cfg.data.eval, tokenizer=tok, label_map=label_map,
+                      features=features) if cfg.data.eval else None
+    if cfg.data.val_split:
+        train, held = datalib.split(train, cfg.data.val_split, cfg.seed)
+    return Datasets(train, held, tokenizer=tok, label_map=label_map, features=features)
+
+
+def load_heldout(cfg: Config, path: str | None = None, *, label_map: dict | None = None,
+                 features: list[str] | None = None) -> Datasets:
+    """Held-out data for evaluation: ``path``, else the config's eval file, else its
+    validation split of the training file (the same rows training held out)."""
+    tok = make_tokenizer(cfg)
+    if path or cfg.data.eval:
+        held = read_split(cfg, path or cfg.data.eval, tokenizer=tok, label_map=label_map, features=features)
+    elif cfg.data.val_split and cfg.data.train:
+        train = read_split(cfg, cfg.data.train, tokenizer=tok, label_map=label_map, features=features)
+        held = datalib.split(train, cfg.data.val_split, cfg.seed)[1]
     else:
-        train = datalib.load_tabular(d.train, task=cfg.task, target=d.target, features=d.features)
-        held = datalib.load_tabular(d.eval, task=cfg.task, target=d.target, features=train.features,
-                                    label_map=train.label_map) if d.eval else None
-        out = Datasets(train, held, label_map=train.label_map, features=train.features)
-    if d.val_split:
-        out.train, out.eval = datalib.split(out.train, d.val_split, cfg.seed)
-    return out
+        raise UserError("no held-out data: the config has neither data.eval nor data.val_split",
+                        fix="pass --data FILE with held-out examples")
+    label_map = label_map or getattr(held, "label_map", None)
+    return Datasets(None, held, tokenizer=tok, label_map=label_map, features=features)
 
 
-def build_base(cfg: Config, data: Datasets, *, search_path: str | os.PathLike | None = None) -> tuple[nn.Module, dict, list[str]]:
-    """The base model with its weights loaded (or seeded random ones when base is null)."""
+PEFT_TASKS = {"CAUSAL_LM": "causal_lm", "SEQ_CLS": "classification"}
+
+
+def config_from_adapter(adapter: Adapter) -> Config:
+    """The config an adapter was trained with, as saved in its metadata; for a PEFT
+    adapter of a Hugging Face model, one rebuilt from its base path and task type."""
+    meta = adapter.meta
+    if "config" in meta:
+        data = dict(meta["config"])
+        data["model"] = {**data["model"], "args": meta.get("model_args", data["model"].get("args", {}))}
+        return config_from_dict(data, source=f"{adapter.source} (saved config)", check_files=False)
+    base, task = adapter.config.get("base_model_name_or_path"), PEFT_TASKS.get(adapter.config.get("task_type"))
+    if not base or not task or not Path(base).is_dir():
+        raise UserError("this adapter has no lora-cli metadata, and its base_model_name_or_path/task_type do "
+                        "not name a local model directory and a causal_lm or classification task",
+                        where=adapter.source, fix="pass a training config (model.hf: <dir>) instead of the adapter")
+    data = {"task": task, "model": {"hf": base}, "data": {"train": "(unused).jsonl"},
+            "lora": {"rank": adapter.config.get("r", 8), "alpha": adapter.config.get("lora_alpha", 8)}}
+    return config_from_dict(data, source=f"{adapter.source} (from its PEFT config)", check_files=False)
+
+
+def search_path_of(adapter: Adapter) -> str | None:
+    """The folder a class_path model was imported from when the adapter was trained."""
+    return adapter.meta.get("search_path")
+
+
+def build_base(cfg: Config, data: Datasets, *, search_path: str | os.PathLike | None = None,
+               weights: str | os.PathLike | None = None) -> tuple[nn.Module, dict, list[str]]:
+    """The base model with its weights loaded (or seeded random ones when base is null).
+
+    ``weights`` loads another checkpoint of the same model instead of ``model.base``
+    (a merged one, say; for hf models, another model directory).
+    """
     m, notes = cfg.model, []
     args = dict(m.args)
+    torch.manual_seed(cfg.seed)
+    if m.hf:
+        from .models import hf
+        model = hf.load_model(weights or m.hf, task=cfg.task, label_map=data.label_map,
+                              pad_id=data.tokenizer.pad_id)
+        return model, args, notes
     if m.arch:
         if cfg.task == "causal_lm":
             args = infer_args(m.arch, args, vocab_size=data.tokenizer.vocab_size)
         else:
-            args = infer_args(m.arch, args, n_features=len(data.features),
-                              n_outputs=data.num_classes or 1)
-    torch.manual_seed(cfg.seed)
+            args = infer_args(m.arch, args, n_features=len(data.features), n_outputs=data.num_classes or 1)
     model = build_model(arch=m.arch, class_path=m.class_path, args=args, search_path=search_path)
-    if m.base:
-        load_base_weights(model, m.base)
+    if weights or m.base:
+        load_base_weights(model, weights or m.base)
     else:
         notes.append("model.base is null: the base model has random weights from the seed (demo only)")
     return model, args, notes
+
+
+def _hf_modules_to_save(cfg: Config, model: nn.Module, notes: list[str]) -> list[str]:
+    """A sequence classifier's new head must be trained and saved: add it if missing."""
+    from .models import hf
+    saved = list(cfg.lora.modules_to_save)
+    head = hf.classification_head(model)
+    if cfg.task == "classification" and head and head not in saved:
+        saved.append(head)
+        notes.append(f"the classification head '{head}' is new: it is trained in full and saved with the adapter")
+    return saved
 
 
 def build(cfg: Config, *, search_path: str | os.PathLike | None = None) -> Built:
@@ -118,14 +199,37 @@ def build(cfg: Config, *, search_path: str | os.PathLike | None = None) -> Built
     data = load_data(cfg)
     model, args, notes = build_base(cfg, data, search_path=search_path)
     lo = cfg.lora
+    saved = _hf_modules_to_save(cfg, model, notes) if cfg.model.hf else lo.modules_to_save
     apply_lora(model, rank=lo.rank, alpha=lo.alpha, target_modules=lo.target_modules, dropout=lo.dropout,
-               use_rslora=lo.use_rslora, bias=lo.bias, modules_to_save=lo.modules_to_save,
+               use_rslora=lo.use_rslora, bias=lo.bias, modules_to_save=saved,
                exclude_modules=lo.exclude_modules)
+    if cfg.model.hf:
+        from .models import hf
+        for path in hf.tied_targets(model, get_spec(model).targets):
+            notes.append(f"'{path}' shares its weight with another module (tied embeddings): the adapter "
+                         "changes it in both places once merged")
+    _check_sequence_length(cfg, model, data)
+    fingerprint = base_fingerprint(model)
     if cfg.dtype != "float32":   # frozen base tensors in the compute dtype, trainable ones float32
         for p in model.parameters():
             if not p.requires_grad:
                 p.data = p.data.to(DTYPES[cfg.dtype])
-    return Built(model=model, data=data, model_args=args, notes=notes)
+    return Built(model=model, data=data, model_args=args, notes=notes,
+                 search_path=str(search_path) if search_path else None, fingerprint=fingerprint)
+
+
+def _check_sequence_length(cfg: Config, model: nn.Module, data: Datasets) -> None:
+    """The longest example must fit the model's positions, or training fails mid-run."""
+    limit = getattr(model, "max_seq_len", None) or getattr(getattr(model, "config", None),
+                                                            "max_position_embeddings", None)
+    if not isinstance(limit, int) or not isinstance(data.train, (datalib.TextData, datalib.TextClassData)):
+        return
+    parts = [part for part in (data.train, data.eval) if part is not None]
+    longest = max(len(ex[0] if isinstance(ex, tuple) else ex) for part in parts for ex in part.examples)
+    inputs = longest - 1 if cfg.task == "causal_lm" else longest
+    if inputs > limit:
+        raise ConfigError([f"data.max_seq_len: examples up to {longest} tokens feed {inputs} positions, but the "
+                           f"model has {limit}"], fix=f"set data.max_seq_len <= {limit + (cfg.task == 'causal_lm')}")
 
 
 def batches(data, order: torch.Tensor, batch_size: int, pad_id: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -134,22 +238,37 @@ def batches(data, order: torch.Tensor, batch_size: int, pad_id: int | None = Non
         idx = order[start:start + batch_size]
         if isinstance(data, datalib.TextData):
             yield datalib.text_batch(data, idx, pad_id)
+        elif isinstance(data, datalib.TextClassData):
+            yield datalib.text_class_batch(data, idx, pad_id)
         else:
             yield datalib.tabular_batch(data, idx)
 
 
 def adapter_metadata(cfg: Config, built: Built) -> dict:
-    """What the adapter must carry so it alone can rebuild its model and data handling."""
-    m = cfg.model
-    base = str(Path(m.base).resolve()) if m.base else None
+    """What the adapter must carry so that it alone can rebuild its model and read data
+    the same way: the resolved config (file paths made absolute), the model's
+    constructor args, the label map and feature columns."""
+    resolved = config_to_dict(cfg)
+    for section, key in (("model", "base"), ("model", "hf"), ("data", "train"), ("data", "eval")):
+        value = resolved[section][key]
+        if value:
+            resolved[section][key] = str(Path(value).resolve())
     return {
         "task": cfg.task,
-        "model": {"arch": m.arch, "class_path": m.class_path, "args": built.model_args, "base": base,
-                  "seed": cfg.seed},
-        "tokenizer": "bytes" if built.data.tokenizer is not None else None,
+        "model_args": built.model_args,
+        "tokenizer": "hf" if cfg.model.hf else "bytes" if built.data.tokenizer is not None else None,
         "label_map": built.data.label_map,
         "features": built.data.features,
-        "target": cfg.data.target if cfg.task != "causal_lm" else None,
-        "config": config_to_dict(cfg),
+        "search_path": built.search_path,
+        "fingerprint": built.fingerprint,
+        "config": resolved,
     }
 
+
+def peft_fields(cfg: Config) -> dict:
+    """PEFT's base_model_name_or_path and task_type for this run's adapter: they let
+    PEFT's AutoPeftModel find a Hugging Face base; custom models leave them empty."""
+    if not cfg.model.hf:
+        return {"base_model_name_or_path": None, "task_type": None}
+    from .models.hf import TASK_TYPES
+    return {"base_model_name_or_path": str(Path(cfg.model.hf).resolve()), "task_type": TASK_TYPES[cfg.task]}

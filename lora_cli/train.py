@@ -11,10 +11,13 @@ reports through a :class:`Reporter` (the CLI draws the progress display) and wri
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,15 +25,16 @@ from typing import Protocol
 
 import torch
 
+from . import checkpoint as ckpt
 from . import data as datalib
 from .adapter import WEIGHTS_NAME, save_adapter
-from .config import Config, dump_config
+from .config import Config, config_to_dict, dump_config
 from .errors import UserError
 from .evaluate import evaluate, forward, loss_fn
 from .inject import AdaptSummary, summarize
-from .pipeline import Built, adapter_metadata, autocast_for, batches, build, resolve_device
+from .pipeline import Built, adapter_metadata, autocast_for, batches, build, peft_fields, resolve_device
 
-OWNED = ("adapter", "config.yaml", "metrics.jsonl")   # what a run writes into output_dir
+OWNED = ("adapter", "config.yaml", "metrics.jsonl", ckpt.DIRNAME)   # what a run writes into output_dir
 
 
 class TrainingError(UserError):
@@ -143,14 +147,84 @@ def prepare_output_dir(path: Path, overwrite: bool) -> None:
                         fix="choose a folder you can write to") from None
 
 
-def train(cfg: Config, *, reporter: Reporter | None = None, overwrite: bool = False,
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived: the current step was finished and checkpointed."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path):
+        super().__init__(f"interrupted by signal {signum} after step {step}")
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+# Config fields a resumed run may change; any other change is refused.
+RESUMABLE_CHANGES = ("device", "train.epochs", "train.max_steps", "train.log_every", "train.eval_every",
+                     "train.save_every", "train.keep_last", "train.resume", "train.on_nan")
+
+
+def _check_resume_config(saved: dict, cfg: Config, where: Path) -> list[str]:
+    """Refuse config changes that cannot happen mid-run; return notes on allowed ones."""
+    from .config import config_from_dict, diff_fields
+
+    old = config_from_dict(saved, source=str(where), check_files=False)
+    changed = diff_fields(old, cfg)
+    fixed = [f for f in changed if f not in RESUMABLE_CHANGES]
+    if fixed:
+        raise UserError(f"cannot resume with a changed {', '.join(fixed)}: the checkpoint was trained "
+                        "with other values", where=str(where),
+                        fix="restore those config values, or start a new run with --overwrite")
+    return [f"resuming with a changed {f}" for f in changed]
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+    """Record SIGINT/SIGTERM instead of dying mid-step; a second one stops at once."""
+    received: list[int] = []
+
+    def handler(signum, frame):
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, handler)
+    try:
+        yield received
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def train(cfg: Config, *, reporter: Reporter | None = None, overwrite: bool = False, resume: bool = False,
           search_path: str | os.PathLike | None = None, prepared: Plan | None = None) -> TrainResult:
-    """Train the adapter ``cfg`` describes and write it to ``cfg.output_dir``."""
+    """Train the adapter ``cfg`` describes and write it to ``cfg.output_dir``.
+
+    With ``resume`` (or ``train.resume: auto``) the run continues from the newest
+    complete checkpoint in output_dir and ends exactly as an uninterrupted run would.
+    """
     reporter = reporter or _Silent()
-    p = prepared or plan(cfg, search_path=search_path)
     out = Path(cfg.output_dir)
-    prepare_output_dir(out, overwrite)
-    (out / "config.yaml").write_text(dump_config(cfg))
+    start_from = None
+    if resume or cfg.train.resume == "auto":
+        ckpt.clean_partial(out)
+        found = ckpt.checkpoints(out)
+        if found:
+            start_from = found[-1]
+        elif resume:
+            raise UserError("no complete checkpoint to resume from", where=str(out / ckpt.DIRNAME),
+                            fix="run without --resume; set train.save_every to write checkpoints")
+    notes: list[str] = []
+    if start_from is not None:
+        saved = json.loads((start_from.path / "trainer_state.json").read_text())["config"]
+        notes = _check_resume_config(saved, cfg, start_from.path)
+    p = prepared or plan(cfg, search_path=search_path)
+    if start_from is None:
+        prepare_output_dir(out, overwrite)
+        _write_text(out / "config.yaml", dump_config(cfg))
 
     model, data, device, t = p.built.model, p.built.data, p.device, cfg.train
     model.to(device)
@@ -161,31 +235,48 @@ def train(cfg: Config, *, reporter: Reporter | None = None, overwrite: bool = Fa
     autocast = autocast_for(device, cfg.dtype)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "float16" and device.type == "cuda")
     pad = data.tokenizer.pad_id if data.tokenizer is not None else None
+    metadata = adapter_metadata(cfg, p.built)
+    saved_config = config_to_dict(cfg)
 
-    def run_eval(step: int, epoch: float) -> dict:
+    torch.manual_seed(cfg.seed)
+    loop = ckpt.LoopState()
+    if start_from is not None:
+        loop = ckpt.load_checkpoint(start_from, model, optimizer=optimizer, schedule=schedule, scaler=scaler).loop
+        ckpt.trim_metrics(out / "metrics.jsonl", loop.step)
+        notes.insert(0, f"resuming from {start_from.path} (step {loop.step})")
+    p.built.notes.extend(notes)
+
+    def log_row(row: dict) -> None:
+        log.write(json.dumps(row) + "\n")
+        log.flush()
+
+    def run_eval() -> dict:
         order = torch.arange(len(data.eval))
         metrics = evaluate(model, batches(data.eval, order, t.batch_size, pad), cfg.task,
                            num_classes=data.num_classes, device=device, autocast=autocast)
-        row = {"step": step, "epoch": round(epoch, 4), **{f"eval_{k}": v for k, v in metrics.items()
-                                                         if k not in ("confusion", "n")}}
-        log.write(json.dumps(row) + "\n")
-        log.flush()
+        row = {"step": loop.step, "epoch": round(loop.step / p.steps_per_epoch, 4),
+               **{f"eval_{k}": v for k, v in metrics.items() if k not in ("confusion", "n")}}
+        log_row(row)
         reporter.evaluated(row)
+        loop.last_eval_step = loop.step
         return metrics
 
-    torch.manual_seed(cfg.seed)
+    def checkpoint() -> Path:
+        return ckpt.save_checkpoint(out, model, loop=loop, optimizer=optimizer, schedule=schedule, scaler=scaler,
+                                    config=saved_config, metadata=metadata, keep_last=t.keep_last)
+
     started = time.perf_counter()
-    step, epoch, eval_base, eval_final, last_loss = 0, 0, None, None, None
-    window_loss, window_items, window_start = 0.0, 0, time.perf_counter()
+    window_start = time.perf_counter()
     model.train()
-    with open(out / "metrics.jsonl", "w") as log:
+    with open(out / "metrics.jsonl", "a") as log, _stop_on_signals() as received:
         reporter.start(p)
-        if data.eval is not None:
-            eval_base = eval_final = run_eval(0, 0.0)
-        while step < p.total_steps:
-            order = datalib.epoch_order(len(data.train), seed=cfg.seed, epoch=epoch)
-            micro = batches(data.train, order, t.batch_size, pad)
-            for _ in range(p.steps_per_epoch):
+        if data.eval is not None and loop.step == 0:
+            loop.eval_base = loop.eval_final = run_eval()
+        while loop.step < p.total_steps:
+            order = datalib.epoch_order(len(data.train), seed=cfg.seed, epoch=loop.epoch)
+            done = loop.step_in_epoch * t.grad_accum * t.batch_size     # examples this epoch already saw
+            micro = batches(data.train, order[done:], t.batch_size, pad)
+            while loop.step < p.total_steps:
                 group = [b for _, b in zip(range(t.grad_accum), micro)]
                 loss_sum = 0.0
                 for inputs, target in group:
@@ -194,47 +285,78 @@ def train(cfg: Config, *, reporter: Reporter | None = None, overwrite: bool = Fa
                         loss = loss_fn(cfg.task, forward(model, inputs), target) / len(group)
                     scaler.scale(loss).backward()
                     loss_sum += float(loss.detach())
-                    window_items += inputs.numel() if p.unit == "tokens" else inputs.shape[0]
-                if not math.isfinite(loss_sum):
-                    raise TrainingError(f"the loss became {loss_sum} at step {step + 1}",
-                                        where="train.lr", fix="lower train.lr, or use dtype: float32")
+                    loop.window_items += inputs.numel() if p.unit == "tokens" else inputs.shape[0]
                 scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, t.clip_grad_norm or float("inf"))
-                scaler.step(optimizer)
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.clip_grad_norm or float("inf")))
+                finite = math.isfinite(loss_sum) and (scaler.is_enabled() or math.isfinite(grad_norm))
+                if not finite and t.on_nan == "stop":
+                    last = ckpt.checkpoints(out)
+                    kept = f"; the last good checkpoint is {last[-1].path}" if last else ""
+                    raise TrainingError(
+                        f"the {'loss' if not math.isfinite(loss_sum) else 'gradient norm'} became non-finite "
+                        f"at step {loop.step + 1}{kept}", where="train",
+                        fix="lower train.lr, set train.clip_grad_norm, use dtype: float32, "
+                            "or train.on_nan: skip to skip such steps")
+                if finite:
+                    scaler.step(optimizer)
+                    loop.window_loss += loss_sum
+                else:
+                    loop.skipped += 1
                 scaler.update()
                 schedule.step()
                 optimizer.zero_grad(set_to_none=True)
-                step += 1
-                window_loss += loss_sum
+                loop.step += 1
+                loop.step_in_epoch += 1
                 row = None
-                if step % t.log_every == 0 or step == p.total_steps:
+                if loop.step % t.log_every == 0 or loop.step == p.total_steps:
                     elapsed = time.perf_counter() - window_start
-                    n_steps = (step - 1) % t.log_every + 1
-                    last_loss = window_loss / n_steps
-                    row = {"step": step, "epoch": round(step / p.steps_per_epoch, 4),
-                           "loss": last_loss, "lr": schedule.get_last_lr()[0], "grad_norm": float(grad_norm),
-                           f"{p.unit}_per_s": window_items / elapsed if elapsed > 0 else None}
-                    log.write(json.dumps(row) + "\n")
-                    log.flush()
-                    window_loss, window_items, window_start = 0.0, 0, time.perf_counter()
-                reporter.step(step, epoch, row)
-                if data.eval is not None and t.eval_every and step % t.eval_every == 0:
-                    eval_final = run_eval(step, step / p.steps_per_epoch)
-                if step >= p.total_steps:
+                    n_steps = (loop.step - 1) % t.log_every + 1
+                    loop.last_loss = loop.window_loss / n_steps
+                    row = {"step": loop.step, "epoch": round(loop.step / p.steps_per_epoch, 4),
+                           "loss": loop.last_loss, "lr": schedule.get_last_lr()[0], "grad_norm": grad_norm,
+                           f"{p.unit}_per_s": loop.window_items / elapsed if elapsed > 0 else None}
+                    if loop.skipped:
+                        row["skipped_steps"] = loop.skipped
+                    log_row(row)
+                    loop.window_loss, loop.window_items, window_start = 0.0, 0, time.perf_counter()
+                reporter.step(loop.step, loop.epoch, row)
+                if data.eval is not None and t.eval_every and loop.step % t.eval_every == 0:
+                    loop.eval_final = run_eval()
+                epoch_done = loop.step_in_epoch == p.steps_per_epoch
+                if epoch_done:
+                    loop.epoch, loop.step_in_epoch = loop.epoch + 1, 0
+                    if data.eval is not None and not t.eval_every:
+                        loop.eval_final = run_eval()
+                saved_at = checkpoint() if t.save_every and loop.step % t.save_every == 0 else None
+                if received:
+                    reporter.finish()
+                    raise Interrupted(received[0], loop.step, saved_at or checkpoint())
+                if epoch_done:
                     break
-            epoch += 1
-            if data.eval is not None and not t.eval_every:
-                eval_final = run_eval(step, step / p.steps_per_epoch)
-        if data.eval is not None and t.eval_every and step % t.eval_every:
-            eval_final = run_eval(step, step / p.steps_per_epoch)
+        if data.eval is not None and loop.last_eval_step != loop.step:
+            loop.eval_final = run_eval()
         reporter.finish()
     seconds = time.perf_counter() - started
 
     model.to("cpu")
-    adapter_dir = save_adapter(model, out / "adapter", metadata=adapter_metadata(cfg, p.built))
-    base = cfg.model.base
-    return TrainResult(output_dir=out, adapter_dir=adapter_dir, steps=step, epochs=step / p.steps_per_epoch,
-                       seconds=seconds, train_loss=last_loss, eval_base=eval_base, eval_final=eval_final,
-                       summary=p.summary, adapter_bytes=(adapter_dir / WEIGHTS_NAME).stat().st_size,
-                       base_bytes=Path(base).stat().st_size if base else None, notes=p.built.notes)
+    adapter_dir = save_adapter(model, out / "adapter", metadata=metadata, **peft_fields(cfg))
+    base = cfg.model.base or cfg.model.hf
+    return TrainResult(output_dir=out, adapter_dir=adapter_dir, steps=loop.step,
+                       epochs=loop.step / p.steps_per_epoch, seconds=seconds, train_loss=loop.last_loss,
+                       eval_base=loop.eval_base, eval_final=loop.eval_final, summary=p.summary,
+                       adapter_bytes=(adapter_dir / WEIGHTS_NAME).stat().st_size,
+                       base_bytes=_size_on_disk(base) if base else None, notes=p.built.notes)
 
+
+def _size_on_disk(path: str) -> int:
+    """A file's size, or the weight files' total of a model directory."""
+    p = Path(path)
+    if p.is_dir():
+        return sum(f.stat().st_size for f in p.iterdir() if f.suffix in (".safetensors", ".bin"))
+    return p.stat().st_size
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -162,7 +162,7 @@ def test_non_string_keys_are_reported_not_crashed_on(workdir):
     ("lora.rank", True, "lora.rank: must be an integer >= 1, got true"),
     ("lora.rank", 2.5, "lora.rank: must be an integer >= 1, got 2.5"),
     ("lora.rank", "8", "lora.rank: must be an integer >= 1, got '8'"),
-    ("lora.alpha", 0, "lora.alpha: must be a number > 0, got 0"),
+    ("lora.alpha", 0, "lora.alpha: must be a number > 0 and <= 3.4e38, got 0"),
     ("lora.dropout", 1.0, "lora.dropout: must be a number >= 0 and < 1, got 1.0"),
     ("lora.dropout", float("nan"), "lora.dropout: must be a number >= 0 and < 1, got nan"),
     ("lora.use_rslora", "yes", "lora.use_rslora: must be true or false, got 'yes'"),
@@ -175,8 +175,8 @@ def test_non_string_keys_are_reported_not_crashed_on(workdir):
      "train.optimizer: must be one of adamw, adam, sgd, got 'adamx' (did you mean 'adamw'?)"),
     ("train.scheduler", "Cosine", "train.scheduler: must be one of cosine, linear, constant, got 'Cosine' "
      "(did you mean 'cosine'?)"),
-    ("train.lr", "fast", "train.lr: must be a number > 0, got 'fast'"),
-    ("train.lr", -1e-3, "train.lr: must be a number > 0, got -0.001"),
+    ("train.lr", "fast", "train.lr: must be a number > 0 and <= 3.4e38, got 'fast'"),
+    ("train.lr", -1e-3, "train.lr: must be a number > 0 and <= 3.4e38, got -0.001"),
     ("train.max_steps", 0, "train.max_steps: must be an integer >= 1 or null, got 0"),
     ("train.clip_grad_norm", 0, "train.clip_grad_norm: must be a number > 0 or null, got 0"),
     ("train.weight_decay", -0.1, "train.weight_decay: must be a number >= 0, got -0.1"),
@@ -253,7 +253,7 @@ def test_missing_sections_report_their_required_keys(workdir):
     problems = problems_of({})
     assert problems[0].startswith("model.base: required")
     assert problems[1].startswith("data.train: required")
-    assert "got neither" in problems[2]
+    assert "got none" in problems[2]
 
 
 def test_missing_files_are_reported_per_key(workdir):
@@ -291,13 +291,26 @@ def test_eval_and_val_split_are_exclusive(workdir):
 
 
 @pytest.mark.parametrize("model, expected", [
-    ({"arch": "mlp", "class_path": "pkg.mod:Net"}, "got both"),
-    ({}, "got neither"),
-    ({"arch": None, "class_path": None}, "got neither"),
+    ({"arch": "mlp", "class_path": "pkg.mod:Net"}, "got arch and class_path"),
+    ({}, "got none"),
+    ({"arch": None, "class_path": None}, "got none"),
 ])
-def test_arch_and_class_path_are_exclusive(workdir, model, expected):
+def test_model_sources_are_exclusive(workdir, model, expected):
     [problem] = problems_of({"model": {"base": None, **model}, "data": {"train": "train.csv"}})
     assert problem.startswith("model: set exactly one of model.arch") and problem.endswith(expected)
+
+
+def test_hf_model_needs_no_base_and_refuses_one(workdir):
+    (workdir / "hf-model").mkdir()
+    cfg = config_from_dict({"task": "causal_lm", "model": {"hf": "hf-model"}, "data": {"train": "train.jsonl"}},
+                           check_files=False)
+    assert cfg.model.hf == "hf-model" and cfg.model.base is None
+    problems = problems_of({"task": "causal_lm", "model": {"hf": "gone", "base": "w.pt"},
+                            "data": {"train": "train.jsonl"}})
+    assert any(p.startswith("model.base: not used with model.hf") for p in problems)
+    assert "model.hf: directory not found: gone" in problems
+    regression = problems_of({"model": {"hf": "hf-model"}, "data": {"train": "train.csv"}})
+    assert any("supports causal_lm and classification" in p for p in regression)
 
 
 def test_data_file_types_depend_on_the_task(workdir):

@@ -233,7 +233,7 @@ def test_truncation_keeps_beginning_and_counts(tmp_path):
      ["['txt', 'id']", "'text'", "'prompt' and 'completion'", "did you mean"]),
     ("k.jsonl", jsonl({"prompt": "a"}), 1, ["keys ['prompt'];", "'completion'"]),
     ("k.jsonl", jsonl({"prompt": "a", "Completion": "b"}), 1, ["did you mean 'Completion'"]),
-    ("k.jsonl", jsonl({"text": "a", "prompt": "b", "completion": "c"}), 1, ["both"]),
+    ("k.jsonl", jsonl({"text": "a", "prompt": "b", "completion": "c"}), 1, ["mixes the text and prompt/completion formats"]),
     ("v.jsonl", jsonl({"text": "a"}, {"text": 5}), 2, ["'text' must be a string", "5"]),
     ("v.jsonl", jsonl({"prompt": None, "completion": "a"}), 1, ["'prompt' must be a string"]),
     ("v.jsonl", jsonl({"text": "a"}, {"text": "  "}), 2, ["empty"]),

@@ -1,0 +1,222 @@
+"""Resumable training checkpoints, written atomically.
+
+    output_dir/checkpoints/step_<N>/
+        adapter/               the adapter at step N (the usual adapter files)
+        trainer_state.pt       optimizer, schedule, grad scaler, RNG states, loop position
+        trainer_state.json     step, epoch, and the config the run was started with
+
+A checkpoint directory is built under a temporary name, every file fsynced, then
+renamed into place: a ``step_N`` directory is complete or absent, never half-written.
+``trainer_state.pt`` holds only tensors and plain containers, so it is read back with
+``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .adapter import load_adapter_weights, read_adapter, save_adapter
+from .errors import UserError
+
+DIRNAME = "checkpoints"
+_STEP_DIR = re.compile(r"step_(\d+)")
+
+# Fault injection for the resume tests: "ckpt-write:N" kills this process with SIGKILL
+# halfway through writing the checkpoint of step N. Unset in normal use.
+_FAULT_ENV = "LORA_CLI_FAULT"
+
+
+@dataclass
+class LoopState:
+    """Where the training loop is, and what it has accumulated since the last log line."""
+
+    step: int = 0
+    epoch: int = 0              # epoch the next step belongs to
+    step_in_epoch: int = 0      # optimizer steps already done in that epoch
+    window_loss: float = 0.0    # summed step losses since the last log row
+    window_items: int = 0
+    skipped: int = 0            # steps skipped for a non-finite loss (on_nan: skip)
+    eval_base: dict | None = None
+    eval_final: dict | None = None
+    last_eval_step: int | None = None
+    last_loss: float | None = None
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    step: int
+
+
+def checkpoints(output_dir: str | os.PathLike) -> list[Checkpoint]:
+    """Complete checkpoints of a run, oldest first."""
+    root = Path(output_dir) / DIRNAME
+    found = []
+    for d in root.iterdir() if root.is_dir() else ():
+        m = _STEP_DIR.fullmatch(d.name)
+        if m and d.is_dir() and (d / "trainer_state.json").exists():
+            found.append(Checkpoint(d, int(m.group(1))))
+    return sorted(found, key=lambda c: c.step)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": _py_state(random.getstate())}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy
+        state["numpy"] = _py_state(numpy.random.get_state(legacy=False))
+    except ImportError:
+        pass
+    return state
+
+
+def _py_state(state):
+    """RNG states as plain lists/dicts (weights_only loads no tuples of arbitrary objects)."""
+    if isinstance(state, tuple):
+        return {"__tuple__": [_py_state(s) for s in state]}
+    if isinstance(state, dict):
+        return {k: _py_state(v) for k, v in state.items()}
+    if hasattr(state, "tolist"):
+        return state.tolist()
+    return state
+
+
+def _py_unstate(state):
+    if isinstance(state, dict) and "__tuple__" in state:
+        return tuple(_py_unstate(s) for s in state["__tuple__"])
+    if isinstance(state, dict):
+        return {k: _py_unstate(v) for k, v in state.items()}
+    if isinstance(state, list):
+        return tuple(_py_unstate(s) for s in state)
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_py_unstate(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        import numpy
+        numpy.random.set_state(_numpy_state(_py_unstate(state["numpy"])))
+
+
+def _numpy_state(state):
+    import numpy
+    if isinstance(state, dict):   # legacy=False form: {'bit_generator': ..., 'state': {...}}
+        inner = state.get("state", {})
+        if isinstance(inner.get("key"), tuple):
+            inner = {**inner, "key": numpy.array(inner["key"], dtype=numpy.uint32)}
+            state = {**state, "state": inner}
+    return state
+
+
+def save_checkpoint(output_dir: str | os.PathLike, model, *, loop: LoopState, optimizer, schedule, scaler,
+                    config: dict, metadata: dict, keep_last: int | None) -> Path:
+    """Write ``checkpoints/step_<N>`` atomically; prune to the newest ``keep_last``."""
+    root = Path(output_dir) / DIRNAME
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{loop.step}"
+    tmp = root / f".step_{loop.step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_adapter(model, tmp / "adapter", metadata=metadata)
+        state = {"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                 "scaler": scaler.state_dict(), "rng": rng_state(), "loop": loop.__dict__}
+        _write(tmp / "trainer_state.pt", lambda f: torch.save(state, f))
+        _maybe_fault("ckpt-write", loop.step)
+        info = {"step": loop.step, "epoch": loop.epoch, "config": config}
+        _write(tmp / "trainer_state.json", lambda f: f.write(json.dumps(info, indent=2).encode()))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if keep_last:
+        for old in checkpoints(output_dir)[:-keep_last]:
+            shutil.rmtree(old.path, ignore_errors=True)
+    return final
+
+
+def _write(path: Path, writer) -> None:
+    with open(path, "wb") as f:
+        writer(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _maybe_fault(point: str, step: int) -> None:
+    if os.environ.get(_FAULT_ENV) == f"{point}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass
+class Restored:
+    loop: LoopState
+    config: dict
+    path: Path
+
+
+def load_checkpoint(ckpt: Checkpoint, model, *, optimizer, schedule, scaler) -> Restored:
+    """Put the model, optimizer, schedule, scaler and RNGs back as they were at ``ckpt``."""
+    try:
+        info = json.loads((ckpt.path / "trainer_state.json").read_text())
+        state = torch.load(ckpt.path / "trainer_state.pt", map_location="cpu", weights_only=True)
+    except (OSError, ValueError, RuntimeError, json.JSONDecodeError) as exc:
+        raise UserError(f"checkpoint cannot be read: {exc}", where=str(ckpt.path),
+                        fix="delete this checkpoint directory to resume from the one before it") from None
+    load_adapter_weights(model, read_adapter(ckpt.path / "adapter"))
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
+    return Restored(loop=LoopState(**state["loop"]), config=info["config"], path=ckpt.path)
+
+
+def clean_partial(output_dir: str | os.PathLike) -> None:
+    """Remove checkpoint directories a killed run left half-written."""
+    root = Path(output_dir) / DIRNAME
+    for d in root.glob(".step_*.tmp") if root.is_dir() else ():
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Keep only the log rows of steps <= ``step`` (the resumed run writes the rest again);
+    a last line cut short by a kill is dropped."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and row.get("step", 0) <= step:
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    _write(tmp, lambda f: f.write("".join(k + "\n" for k in kept).encode()))
+    os.replace(tmp, path)

@@ -1,0 +1,163 @@
+"""Checkpoints and resume: a run killed at any point, then resumed, ends exactly as an
+uninterrupted one; signals stop cleanly; config changes on resume are checked."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from lora_cli.checkpoint import trim_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A small causal-LM run on the built-in gpt with dropout (so RNG state matters)."""
+    lines = [json.dumps({"prompt": f"{a}+{b}=", "completion": str(a + b)}) for a in range(12) for b in range(6)]
+    (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "eval.jsonl").write_text("\n".join(lines[::7]) + "\n")
+    config = {
+        "seed": 3, "device": "cpu", "task": "causal_lm", "output_dir": "run",
+        "model": {"arch": "gpt", "args": {"n_layer": 1, "n_head": 2, "d_model": 32, "max_seq_len": 32},
+                  "base": None},
+        "data": {"train": "train.jsonl", "eval": "eval.jsonl", "max_seq_len": 32},
+        "lora": {"rank": 4, "alpha": 8, "dropout": 0.1, "target_modules": "all-linear"},
+        "train": {"epochs": 4, "batch_size": 8, "lr": 0.01, "log_every": 3, "eval_every": 7,
+                  "save_every": 4, "keep_last": 2},
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    return tmp_path
+
+
+def lora_train(cwd: Path, *args: str, env: dict | None = None, wait: bool = True):
+    cmd = [sys.executable, "-m", "lora_cli", "train", "config.yaml", *args]
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    if not wait:
+        return subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=300)
+
+
+def adapter(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "adapter" / "adapter_model.safetensors")
+
+
+def metric_rows(run: Path) -> list[dict]:
+    """Log rows without the wall-clock throughput, which no two runs share."""
+    out = []
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        out.append({k: v for k, v in row.items() if not k.endswith("_per_s")})
+    return out
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    ta, tb = adapter(a), adapter(b)
+    assert set(ta) == set(tb)
+    assert max(float((ta[k] - tb[k]).abs().max()) for k in ta) <= 1e-6
+    ra, rb = metric_rows(a), metric_rows(b)
+    assert ra == rb
+    train_steps = [r["step"] for r in rb if "loss" in r]
+    assert len(train_steps) == len(set(train_steps))      # every logged step exactly once
+
+
+@pytest.fixture
+def reference(project: Path, tmp_path_factory) -> Path:
+    """The uninterrupted run."""
+    done = lora_train(project, "output_dir=ref")
+    assert done.returncode == 0, done.stderr
+    return project / "ref"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["ckpt-write:8", "ckpt-write:16"])
+def test_sigkill_during_checkpoint_write_then_resume_matches(project: Path, reference: Path, fault: str):
+    killed = lora_train(project, env={"LORA_CLI_FAULT": fault})
+    assert killed.returncode == -signal.SIGKILL
+    step = int(fault.split(":")[1])
+    ckpts = sorted(p.name for p in (project / "run" / "checkpoints").iterdir())
+    assert f"step_{step}" not in ckpts                       # the half-written one never became visible
+    resumed = lora_train(project, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stderr
+    assert not any(p.name.endswith(".tmp") for p in (project / "run" / "checkpoints").iterdir())
+    assert_same_run(reference, project / "run")
+
+
+@pytest.mark.slow
+def test_sigkill_mid_step_then_resume_matches(project: Path, reference: Path):
+    proc = lora_train(project, "train.log_every=1", "train.save_every=3", wait=False)
+    ckpt_dir = project / "run" / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (ckpt_dir.is_dir() and any(ckpt_dir.glob("step_6"))):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    resumed = lora_train(project, "train.log_every=1", "train.save_every=3", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    reference_every_step = lora_train(project, "output_dir=ref1", "train.log_every=1", "train.save_every=3")
+    assert reference_every_step.returncode == 0
+    assert_same_run(project / "ref1", project / "run")
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_exits_143_and_says_how_to_resume(project: Path, reference: Path):
+    proc = lora_train(project, "train.log_every=1", "train.save_every=1000", wait=False)
+    log = project / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and '"loss"' in log.read_text()):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    assert "--resume" in stderr and "Traceback" not in stderr
+    assert any((project / "run" / "checkpoints").glob("step_*"))
+    resumed = lora_train(project, "train.log_every=1", "train.save_every=1000", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    again = lora_train(project, "output_dir=ref2", "train.log_every=1", "train.save_every=1000")
+    assert again.returncode == 0
+    assert_same_run(project / "ref2", project / "run")
+
+
+@pytest.mark.slow
+def test_resume_refuses_changed_rank_and_allows_changed_max_steps(project: Path):
+    assert lora_train(project, "train.max_steps=8").returncode == 0
+    changed = lora_train(project, "train.max_steps=8", "lora.rank=2", "--resume")
+    assert changed.returncode == 2
+    assert "lora.rank" in changed.stderr and "Traceback" not in changed.stderr
+    longer = lora_train(project, "train.max_steps=12", "--resume")
+    assert longer.returncode == 0, longer.stderr
+    assert "changed train.max_steps" in longer.stderr
+    steps = [r["step"] for r in metric_rows(project / "run") if "loss" in r]
+    assert steps == sorted(set(steps)) and steps[-1] == 12
+
+
+@pytest.mark.slow
+def test_resume_without_checkpoint_and_nan_handling(project: Path):
+    none = lora_train(project, "train.save_every=null", "--resume")
+    assert none.returncode == 2 and "no complete checkpoint" in none.stderr
+    diverge = lora_train(project, "train.lr=1e30", "train.clip_grad_norm=null", "lora.alpha=1e6",
+                         "output_dir=nan")
+    assert diverge.returncode == 2 and "non-finite" in diverge.stderr and "Traceback" not in diverge.stderr
+    skip = lora_train(project, "train.lr=1e30", "train.clip_grad_norm=null", "lora.alpha=1e6",
+                      "train.on_nan=skip", "output_dir=skip", "train.max_steps=6")
+    assert skip.returncode == 0, skip.stderr
+
+
+def test_trim_metrics_keeps_rows_up_to_step_and_drops_a_torn_line(tmp_path: Path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 1}\n{"step": 2, "loss": 0.5}\n{"step": 2, "eval_loss": 0.7}\n'
+                    '{"step": 3, "loss": 0.4}\n{"step": 4, "lo')
+    trim_metrics(path, 2)
+    assert [json.loads(x) for x in path.read_text().splitlines()] == [
+        {"step": 1, "loss": 1}, {"step": 2, "loss": 0.5}, {"step": 2, "eval_loss": 0.7}]
