@@ -116,8 +116,8 @@ def merge_command(
                                           help="Where to write (default: <base>-merged.<ext> beside the base)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Cast floating tensors: float32, bfloat16 or float16."),
-    weights: Optional[List[float]] = typer.Option(None, "--weights", help="One weight per adapter (default 1 each).",
-                                                  show_default=False),
+    weights: Optional[List[str]] = typer.Option(None, "--weights", help="One weight per adapter (default 1 each): "
+                                                "--weights 0.7 0.3, or 0.7,0.3.", show_default=False),
     verify: bool = typer.Option(False, "--verify", help="Check merged outputs against base+adapter on held-out data."),
     ignore_fingerprint: bool = typer.Option(False, "--ignore-fingerprint",
                                             help="Merge even if the base differs from the adapter's."),
@@ -128,13 +128,14 @@ def merge_command(
     from .evaluate import verify_merge
     from .merge import merge_checkpoint
 
+    adapters, factors = _split_weights(adapters, weights)
     if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
         raise UserError(f"unknown dtype {dtype!r}", where="--dtype", fix="use float32, bfloat16 or float16")
-    if verify and (len(adapters) > 1 or (weights and weights != [1.0])):
+    if verify and (len(adapters) > 1 or (factors and factors != [1.0])):
         raise UserError("--verify checks one adapter at weight 1", where="--verify",
                         fix="merge and verify adapters one at a time")
     loaded = [read_adapter(a) for a in adapters]
-    report = merge_checkpoint(base, loaded, output, weights=weights or None, dtype=dtype, force=force,
+    report = merge_checkpoint(base, loaded, output, weights=factors, dtype=dtype, force=force,
                               check_base=not ignore_fingerprint)
     show_merge(report)
     if verify:
@@ -142,6 +143,31 @@ def merge_command(
         show_verification(result)
         if not result.ok:
             raise typer.Exit(1)
+
+
+def _split_weights(adapters: List[Path], weights: Optional[List[str]]) -> tuple[List[Path], Optional[List[float]]]:
+    """Read ``--weights 0.7 0.3`` the way users write it: the shell hands the numbers
+    after the first to the adapter list, so trailing numbers that are not files there
+    are weights too. ``--weights 0.7,0.3`` and a repeated ``--weights`` also work."""
+    if not weights:
+        return adapters, None
+    raw = [w for item in weights for w in item.split(",") if w.strip()]
+    adapters = list(adapters)
+    while adapters and not adapters[-1].exists() and _is_number(str(adapters[-1])):
+        raw.insert(len(weights), str(adapters.pop()))
+    try:
+        return adapters, [float(w) for w in raw]
+    except ValueError:
+        raise UserError(f"--weights must be numbers, got {' '.join(raw)}", where="--weights",
+                        fix="write e.g. --weights 0.7 0.3") from None
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 @_user_errors

@@ -36,26 +36,57 @@ INDEX_NAME = "model.safetensors.index.json"
 
 class SafetensorsReader:
     """Lazy access to one .safetensors file: names, shapes and dtypes from the header,
-    each tensor read only when asked for."""
+    each tensor read with plain file reads only when asked for.
+
+    Not memory-mapped on purpose: pages of a mapping stay resident (and count in RSS)
+    until it is closed, so streaming a large file through a mapping ends up holding all
+    of it; a read into a fresh buffer holds one tensor at a time.
+    """
 
     def __init__(self, path: str | os.PathLike):
-        from safetensors import SafetensorError, safe_open
-
         self.path = Path(path)
         try:
-            self._file = safe_open(str(self.path), framework="pt")
-            self.metadata = self._file.metadata() or {}
-            self.keys = list(self._file.keys())
-            self.specs = {}
-            for k in self.keys:
-                s = self._file.get_slice(k)
-                self.specs[k] = (tuple(s.get_shape()), CODE_DTYPES[s.get_dtype()])
-        except (SafetensorError, OSError, KeyError, ValueError) as exc:
+            size = self.path.stat().st_size
+            with open(self.path, "rb") as fh:
+                head = fh.read(8)
+                if len(head) < 8:
+                    raise ValueError("file is shorter than a safetensors header")
+                (length,) = struct.unpack("<Q", head)
+                if length > size - 8:
+                    raise ValueError(f"header length {length} runs past the end of the file ({size} bytes)")
+                header = json.loads(fh.read(length))
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
             raise ModelError(f"cannot read safetensors file: {exc}", where=str(self.path),
                              fix="the file is truncated or corrupt; copy or export it again") from None
+        self.metadata = header.pop("__metadata__", None) or {}
+        self._data_start = 8 + length
+        self.specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        self._offsets: dict[str, tuple[int, int]] = {}
+        try:
+            for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+                shape, dtype = tuple(int(s) for s in info["shape"]), CODE_DTYPES[info["dtype"]]
+                start, end = (int(o) for o in info["data_offsets"])
+                if end - start != _numel(shape) * _itemsize(dtype) or self._data_start + end > size:
+                    raise ValueError(f"tensor {key!r} does not fit the file (truncated?)")
+                self.specs[key] = (shape, dtype)
+                self._offsets[key] = (start, end)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ModelError(f"cannot read safetensors file: invalid header ({exc})", where=str(self.path),
+                             fix="the file is truncated or corrupt; copy or export it again") from None
+        self.keys = list(self.specs)
 
     def get(self, key: str) -> torch.Tensor:
-        return self._file.get_tensor(key)
+        shape, dtype = self.specs[key]
+        start, end = self._offsets[key]
+        buffer = bytearray(end - start)
+        with open(self.path, "rb") as fh:
+            fh.seek(self._data_start + start)
+            if fh.readinto(buffer) != len(buffer):
+                raise ModelError(f"tensor {key!r} is cut short", where=str(self.path),
+                                 fix="the file is truncated; copy or export it again")
+        if not buffer:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
         for k in self.keys:
