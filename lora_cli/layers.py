@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fused import lora_linear
+
 
 def lora_scaling(rank: int, alpha: float, use_rslora: bool = False) -> float:
     """The factor s applied to the low-rank update: alpha / r, or alpha / sqrt(r) (rsLoRA)."""
@@ -137,18 +139,12 @@ class LoraLinear(LoraLayer):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **factory))  # (out, r)
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:          # x: (..., in)
-        weight = self.weight.t() if self.fan_in_fan_out else self.weight
-        out = F.linear(x, weight, self.bias)                      # (..., out)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:          # x: (..., in) -> (..., out)
+        weight = self.weight.t() if self.fan_in_fan_out else self.weight   # (out, in)
         if self.merged:
-            return out
-        if self.dropout and self.training:
-            x = F.dropout(x, self.dropout, training=True)
-        h = F.linear(x, self.lora_A.to(x.dtype))                  # (..., r)
-        # out += s * h B^T, fused into one addmm on the 2-D view: no (..., out) temporary.
-        out2d = out.view(-1, self.out_features)                   # (N, out)
-        out2d.addmm_(h.reshape(-1, self.rank), self.lora_B.to(h.dtype).t(), alpha=self.scaling)
-        return out
+            return F.linear(x, weight, self.bias)
+        return lora_linear(x, weight, self.bias, self.lora_A, self.lora_B, self.scaling,
+                           self.dropout if self.training else 0.0)
 
     def delta_weight(self) -> torch.Tensor:
         """s * B @ A in float32, laid out like ``weight``: (out, in), or (in, out) for Conv1D."""

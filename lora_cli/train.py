@@ -31,6 +31,7 @@ from .adapter import WEIGHTS_NAME, save_adapter
 from .config import Config, config_to_dict, dump_config
 from .errors import UserError
 from .evaluate import evaluate, forward, loss_fn
+from .fused import shared_dropout
 from .inject import AdaptSummary, summarize
 from .pipeline import Built, adapter_metadata, autocast_for, batches, build, peft_fields, resolve_device
 
@@ -336,6 +337,7 @@ def train(cfg: Config, *, reporter: Reporter | None = None, overwrite: bool = Fa
         if data.eval is not None and loop.last_eval_step != loop.step:
             loop.eval_final = run_eval()
         reporter.finish()
+    shared_dropout.clear()   # it holds the last dropped activation
     seconds = time.perf_counter() - started
 
     model.to("cpu")
