@@ -40,6 +40,9 @@ def _user_errors(fn):
             from .console import show_error
             show_error(exc)
             raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130) from None
     return wrapper
 
 
