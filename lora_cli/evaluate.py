@@ -21,7 +21,6 @@ from torch import nn
 
 from .errors import UserError
 
-TASKS = ("regression", "classification", "causal_lm")
 IGNORE = -100
 
 

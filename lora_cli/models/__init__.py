@@ -94,7 +94,7 @@ def _import_class_path(class_path: str, search_path) -> object:
             f"module {module_name!r} has no attribute {attr!r}",
             where=where,
             fix=_did_you_mean(attr, public)
-                + (f"its nn.Module classes: {listed}" if models else f"it defines no nn.Module class"),
+                + (f"its nn.Module classes: {listed}" if models else "it defines no nn.Module class"),
         )
     return getattr(module, attr)
 
