@@ -20,7 +20,7 @@ from . import data as datalib
 from .adapter import Adapter, base_fingerprint
 from .config import Config, config_from_dict, config_to_dict
 from .errors import ConfigError, UserError
-from .inject import apply_lora, get_spec
+from .inject import apply_lora, get_spec, lora_layers
 from .models import build_model, infer_args, load_base_weights
 from .tokenizer import ByteTokenizer
 
@@ -203,6 +203,13 @@ def build(cfg: Config, *, search_path: str | os.PathLike | None = None) -> Built
     apply_lora(model, rank=lo.rank, alpha=lo.alpha, target_modules=lo.target_modules, dropout=lo.dropout,
                use_rslora=lo.use_rslora, bias=lo.bias, modules_to_save=saved,
                exclude_modules=lo.exclude_modules)
+    wasted = [(path, layer) for path, layer in lora_layers(model).items() if layer.rank > min(layer.weight.shape)]
+    if wasted:
+        path, layer = wasted[0]
+        notes.append(f"lora.rank {layer.rank} is above what '{path}' {tuple(layer.weight.shape)} can use "
+                     f"(B @ A has rank at most {min(layer.weight.shape)}"
+                     f"{f', as in {len(wasted) - 1} more layers' if len(wasted) > 1 else ''}): "
+                     "the extra rank adds parameters, not capacity")
     if cfg.model.hf:
         from .models import hf
         for path in hf.tied_targets(model, get_spec(model).targets):

@@ -202,3 +202,9 @@ def test_console_scripts_and_module_entry_point(regression_run: Path):
         assert "Examples:" in done.stdout
     bad = subprocess.run(["lora-train", "config.yaml", "lora.alpha=0"], capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "lora.alpha" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_rank_beyond_the_layer_is_noted(regression_run: Path):
+    result = invoke("train", "config.yaml", "lora.rank=8", "lora.target_modules=[head]", "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "lora.rank 8 is above what 'head'" in result.output and "rank at most 1" in result.output
