@@ -27,8 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +36,7 @@ from torch import nn
 
 from . import __version__
 from .errors import AdapterError
+from .files import fsync_dir, remove, write_synced
 from .inject import LoraSpec, get_spec, inject, lora_layers, lora_parameters, name_matches, trainable_biases
 from .layers import LoraEmbedding, lora_scaling
 
@@ -234,7 +233,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, metadata: Ma
     The directory is written beside its final place and renamed in, so it is either the
     complete new adapter or the previous one, never half-written.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     _require_spec(model)
     if any(layer.merged for layer in lora_layers(model).values()):
@@ -248,30 +247,27 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, metadata: Ma
         raise AdapterError("refusing to replace something that is not an adapter", where=str(directory),
                            fix="save the adapter to a new or empty directory")
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+    remove(tmp)
+    tmp.mkdir()   # not mkdtemp: that makes the adapter directory private (0700)
     try:
-        save_file(adapter_tensors(model), tmp / WEIGHTS_NAME,
-                  metadata={"format": "pt", HEADER_KEY: json.dumps(config)})
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-        for f in tmp.iterdir():
-            _fsync(f)
+        # safetensors' own save_file makes the file private (0600): write its bytes ourselves
+        weights = save(adapter_tensors(model), metadata={"format": "pt", HEADER_KEY: json.dumps(config)})
+        write_synced(tmp / WEIGHTS_NAME, lambda f: f.write(weights))
+        write_synced(tmp / CONFIG_NAME, lambda f: f.write((json.dumps(config, indent=2) + "\n").encode()))
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
+            remove(old)
             directory.rename(old)
             tmp.rename(directory)
-            shutil.rmtree(old, ignore_errors=True)
+            remove(old)
         else:
             tmp.rename(directory)
+        fsync_dir(directory.parent)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove(tmp)
         raise
     return directory
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
 
 
 def _require_spec(model: nn.Module) -> LoraSpec:

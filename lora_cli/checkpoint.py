@@ -17,7 +17,6 @@ import json
 import os
 import random
 import re
-import shutil
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 
 from .adapter import load_adapter_weights, read_adapter, save_adapter
 from .errors import UserError
+from .files import fsync_dir, remove, write_atomic, write_synced
 
 DIRNAME = "checkpoints"
 _STEP_DIR = re.compile(r"step_(\d+)")
@@ -128,45 +128,27 @@ def save_checkpoint(output_dir: str | os.PathLike, model, *, loop: LoopState, op
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{loop.step}"
     tmp = root / f".step_{loop.step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove(tmp)
     tmp.mkdir()
     try:
         save_adapter(model, tmp / "adapter", metadata=metadata)
         state = {"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                  "scaler": scaler.state_dict(), "rng": rng_state(), "loop": loop.__dict__}
-        _write(tmp / "trainer_state.pt", lambda f: torch.save(state, f))
+        write_synced(tmp / "trainer_state.pt", lambda f: torch.save(state, f))
         _maybe_fault("ckpt-write", loop.step)
         info = {"step": loop.step, "epoch": loop.epoch, "config": config}
-        _write(tmp / "trainer_state.json", lambda f: f.write(json.dumps(info, indent=2).encode()))
+        write_synced(tmp / "trainer_state.json", lambda f: f.write(json.dumps(info, indent=2).encode()))
         if final.exists():
-            shutil.rmtree(final)
+            remove(final)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove(tmp)
         raise
     if keep_last:
         for old in checkpoints(output_dir)[:-keep_last]:
-            shutil.rmtree(old.path, ignore_errors=True)
+            remove(old.path)
     return final
-
-
-def _write(path: Path, writer) -> None:
-    with open(path, "wb") as f:
-        writer(f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _maybe_fault(point: str, step: int) -> None:
@@ -201,7 +183,7 @@ def clean_partial(output_dir: str | os.PathLike) -> None:
     """Remove checkpoint directories a killed run left half-written."""
     root = Path(output_dir) / DIRNAME
     for d in root.glob(".step_*.tmp") if root.is_dir() else ():
-        shutil.rmtree(d, ignore_errors=True)
+        remove(d)
 
 
 def trim_metrics(path: Path, step: int) -> None:
@@ -217,6 +199,4 @@ def trim_metrics(path: Path, step: int) -> None:
             continue
         if isinstance(row, dict) and row.get("step", 0) <= step:
             kept.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    _write(tmp, lambda f: f.write("".join(k + "\n" for k in kept).encode()))
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: f.write("".join(k + "\n" for k in kept).encode()))

@@ -26,6 +26,7 @@ from torch import nn
 
 from .adapter import Adapter, check_fingerprint
 from .errors import AdapterError, UserError
+from .files import fsync_dir, remove, write_synced
 from .inject import SPEC_ATTR, _set_submodule, lora_layers
 from .streaming import INDEX_NAME, SafetensorsReader, SafetensorsWriter, shard_files
 
@@ -234,12 +235,11 @@ def merge_checkpoint(base: str | os.PathLike, adapters: Sequence[Adapter], out: 
         return m.to(target_dtype) if target_dtype is not None and m.is_floating_point() else m
 
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    _remove(tmp)
+    remove(tmp)
     try:
         added = {k: merged(k, t) for k, t in merger.added.items()}
         if kind == "pt":
-            torch.save({**{k: merged(k, t) for k, t in state.items()}, **added}, tmp)
-            _fsync(tmp)
+            write_synced(tmp, lambda f: torch.save({**{k: merged(k, t) for k, t in state.items()}, **added}, f))
             count = len(state) + len(added)
         elif kind == "safetensors":
             count = _write_streamed(readers[0], tmp, merged, target_dtype, extra=added)
@@ -254,10 +254,11 @@ def merge_checkpoint(base: str | os.PathLike, adapters: Sequence[Adapter], out: 
             _fix_index(tmp, added, readers[-1].path.name)
             _update_model_config(tmp, adapters)
         if out.exists():
-            _remove(out)
+            remove(out)
         os.replace(tmp, out)
+        fsync_dir(out.parent)
     except BaseException:
-        _remove(tmp)
+        remove(tmp)
         raise
     size = sum(f.stat().st_size for f in out.iterdir()) if out.is_dir() else out.stat().st_size
     return MergeReport(output=out, format=kind, changed=changed, added=sorted(merger.added), max_delta=max_delta,
@@ -312,14 +313,3 @@ def _fix_index(directory: Path, added: Mapping[str, torch.Tensor], last_shard: s
         data.setdefault("metadata", {})["total_size"] = total
         index.write_text(json.dumps(data, indent=2) + "\n")
 
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists():
-        path.unlink()

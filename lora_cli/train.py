@@ -15,7 +15,6 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import signal
 import threading
 import time
@@ -31,6 +30,7 @@ from .adapter import WEIGHTS_NAME, save_adapter
 from .config import Config, config_to_dict, dump_config
 from .errors import UserError
 from .evaluate import evaluate, forward, loss_fn
+from .files import remove, write_atomic
 from .fused import shared_dropout
 from .inject import AdaptSummary, summarize
 from .pipeline import Built, adapter_metadata, autocast_for, batches, build, peft_fields, resolve_device
@@ -133,11 +133,7 @@ def prepare_output_dir(path: Path, overwrite: bool) -> None:
             raise UserError("output_dir already exists and is not empty", where=str(path),
                             fix="pass --overwrite to replace its run, or set output_dir=<new folder>")
         for name in OWNED:
-            target = path / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
+            remove(path / name)
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".write-test"
@@ -225,7 +221,7 @@ def train(cfg: Config, *, reporter: Reporter | None = None, overwrite: bool = Fa
     p = prepared or plan(cfg, search_path=search_path)
     if start_from is None:
         prepare_output_dir(out, overwrite)
-        _write_text(out / "config.yaml", dump_config(cfg))
+        write_atomic(out / "config.yaml", lambda f: f.write(dump_config(cfg).encode()))
 
     model, data, device, t = p.built.model, p.built.data, p.device, cfg.train
     model.to(device)
@@ -357,8 +353,3 @@ def _size_on_disk(path: str) -> int:
         return sum(f.stat().st_size for f in p.iterdir() if f.suffix in (".safetensors", ".bin"))
     return p.stat().st_size
 
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

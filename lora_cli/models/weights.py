@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,6 +27,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from ..errors import ModelError
+from ..files import write_atomic
 from ..layers import LoraLayer
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
@@ -208,12 +208,6 @@ def _for_saving(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def save_state_dict(sd: Mapping[str, torch.Tensor], path: str | os.PathLike, *,
                     metadata: Mapping[str, str] | None = None) -> None:
     """Write ``sd`` to ``.safetensors`` (or ``.pt``/``.pth``/``.bin``) atomically.
@@ -229,27 +223,8 @@ def save_state_dict(sd: Mapping[str, torch.Tensor], path: str | os.PathLike, *,
                          fix="name the file *.safetensors (preferred) or *.pt")
     tensors = _for_saving(sd)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if suffix in SAFETENSORS_SUFFIXES:
-                f.write(safetensors_bytes(tensors, metadata=dict(metadata) if metadata else None))
-            else:
-                torch.save(tensors, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
+    if suffix in SAFETENSORS_SUFFIXES:
+        data = safetensors_bytes(tensors, metadata=dict(metadata) if metadata else None)
+        write_atomic(path, lambda f: f.write(data))
+    else:
+        write_atomic(path, lambda f: torch.save(tensors, f))
