@@ -48,6 +48,13 @@ def lora_train(cwd: Path, *args: str, env: dict | None = None, wait: bool = True
     return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=300)
 
 
+def wait_until(condition, timeout: float = 120.0) -> None:
+    """Poll ``condition`` until it holds (a running subprocess got that far)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and not condition():
+        time.sleep(0.02)
+
+
 def adapter(run: Path) -> dict[str, torch.Tensor]:
     return load_file(run / "adapter" / "adapter_model.safetensors")
 
@@ -95,12 +102,9 @@ def test_sigkill_during_checkpoint_write_then_resume_matches(project: Path, refe
 
 
 @pytest.mark.slow
-def test_sigkill_mid_step_then_resume_matches(project: Path, reference: Path):
+def test_sigkill_mid_step_then_resume_matches(project: Path):
     proc = lora_train(project, "train.log_every=1", "train.save_every=3", wait=False)
-    ckpt_dir = project / "run" / "checkpoints"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (ckpt_dir.is_dir() and any(ckpt_dir.glob("step_6"))):
-        time.sleep(0.02)
+    wait_until(lambda: any((project / "run" / "checkpoints").glob("step_6")))
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     resumed = lora_train(project, "train.log_every=1", "train.save_every=3", "--resume")
@@ -111,12 +115,10 @@ def test_sigkill_mid_step_then_resume_matches(project: Path, reference: Path):
 
 
 @pytest.mark.slow
-def test_sigterm_checkpoints_exits_143_and_says_how_to_resume(project: Path, reference: Path):
+def test_sigterm_checkpoints_exits_143_and_says_how_to_resume(project: Path):
     proc = lora_train(project, "train.log_every=1", "train.save_every=1000", wait=False)
     log = project / "run" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (log.exists() and '"loss"' in log.read_text()):
-        time.sleep(0.02)
+    wait_until(lambda: log.exists() and '"loss"' in log.read_text())
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 143, stderr
