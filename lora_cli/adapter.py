@@ -161,25 +161,31 @@ class Adapter:
 
 # --- saving ---------------------------------------------------------------------------
 
-def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors an adapter file holds, under PEFT's keys (CPU, contiguous)."""
+def adapter_keys(model: nn.Module) -> dict[str, str]:
+    """What an adapter file holds: PEFT's key -> the model's state-dict key it comes from."""
     spec = _require_spec(model)
-    out: dict[str, torch.Tensor] = {}
+    keys: dict[str, str] = {}
     layers = lora_layers(model)
     for path, layer in layers.items():
         if isinstance(layer, LoraEmbedding):
-            out[f"{PREFIX}{path}.lora_embedding_A"] = layer.lora_embedding_A
-            out[f"{PREFIX}{path}.lora_embedding_B"] = layer.lora_embedding_B
+            keys[f"{PREFIX}{path}.lora_embedding_A"] = f"{path}.lora_embedding_A"
+            keys[f"{PREFIX}{path}.lora_embedding_B"] = f"{path}.lora_embedding_B"
         else:
-            out[f"{PREFIX}{path}.lora_A.weight"] = layer.lora_A
-            out[f"{PREFIX}{path}.lora_B.weight"] = layer.lora_B
-    for path, module in trainable_biases(model, spec).items():
+            keys[f"{PREFIX}{path}.lora_A.weight"] = f"{path}.lora_A"
+            keys[f"{PREFIX}{path}.lora_B.weight"] = f"{path}.lora_B"
+    for path in trainable_biases(model, spec):
         key = f"{path}.base_layer.bias" if path in layers else f"{path}.bias"
-        out[PREFIX + key] = module.bias
+        keys[PREFIX + key] = f"{path}.bias" if path else "bias"
     for path in spec.modules_to_save:
-        for name, t in model.get_submodule(path).state_dict().items():
-            out[f"{PREFIX}{path}.{name}"] = t
-    return {k: v.detach().cpu().contiguous() for k, v in out.items()}
+        for name in model.get_submodule(path).state_dict():
+            keys[f"{PREFIX}{path}.{name}"] = f"{path}.{name}"
+    return keys
+
+
+def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors an adapter file holds, under PEFT's keys (CPU, contiguous)."""
+    state = model.state_dict(keep_vars=True)
+    return {k: state[n].detach().cpu().contiguous() for k, n in adapter_keys(model).items()}
 
 
 def _peft_target_modules(model: nn.Module, targets: list[str]) -> list[str]:
@@ -233,14 +239,20 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, metadata: Ma
     The directory is written beside its final place and renamed in, so it is either the
     complete new adapter or the previous one, never half-written.
     """
-    from safetensors.torch import save
-
     _require_spec(model)
     if any(layer.merged for layer in lora_layers(model).values()):
         raise AdapterError("cannot save an adapter while it is merged into the base weights",
                            fix="call unmerge() on the LoRA layers first")
     config = adapter_config(model, base_model_name_or_path=base_model_name_or_path,
                             task_type=task_type, metadata=metadata)
+    return write_adapter(directory, config, adapter_tensors(model))
+
+
+def write_adapter(directory: str | os.PathLike, config: Mapping, tensors: Mapping[str, torch.Tensor]) -> Path:
+    """Write adapter files (``config`` from :func:`adapter_config`, ``tensors`` under PEFT's
+    keys) to ``directory``, atomically: the complete new adapter or the previous one."""
+    from safetensors.torch import save
+
     directory = Path(directory)
     if directory.is_file() or (directory.is_dir() and any(directory.iterdir())
                                and not (directory / CONFIG_NAME).exists()):
@@ -252,7 +264,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, metadata: Ma
     tmp.mkdir()   # not mkdtemp: that makes the adapter directory private (0700)
     try:
         # safetensors' own save_file makes the file private (0600): write its bytes ourselves
-        weights = save(adapter_tensors(model), metadata={"format": "pt", HEADER_KEY: json.dumps(config)})
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        weights = save(tensors, metadata={"format": "pt", HEADER_KEY: json.dumps(config)})
         write_synced(tmp / WEIGHTS_NAME, lambda f: f.write(weights))
         write_synced(tmp / CONFIG_NAME, lambda f: f.write((json.dumps(config, indent=2) + "\n").encode()))
         if directory.exists():

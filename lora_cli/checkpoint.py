@@ -2,8 +2,12 @@
 
     output_dir/checkpoints/step_<N>/
         adapter/               the adapter at step N (the usual adapter files)
-        trainer_state.pt       optimizer, schedule, grad scaler, RNG states, loop position
-        trainer_state.json     step, epoch, and the config the run was started with
+        trainer_state.pt       optimizer, schedule, grad scaler, RNG states (one per
+                               worker), loop position
+        trainer_state.json     step, epoch, number of workers, and the run's config
+
+Everything is stored whole (sharded optimizer state is gathered first), so a checkpoint
+resumes on any number of workers and under either strategy.
 
 A checkpoint directory is built under a temporary name, every file fsynced, then
 renamed into place: a ``step_N`` directory is complete or absent, never half-written.
@@ -23,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .adapter import load_adapter_weights, read_adapter, save_adapter
+from .adapter import Adapter, read_adapter, write_adapter
 from .errors import UserError
 from .files import fsync_dir, remove, write_atomic, write_synced
 
@@ -121,22 +125,25 @@ def _numpy_state(state):
     return state
 
 
-def save_checkpoint(output_dir: str | os.PathLike, model, *, loop: LoopState, optimizer, schedule, scaler,
-                    config: dict, metadata: dict, keep_last: int | None) -> Path:
-    """Write ``checkpoints/step_<N>`` atomically; prune to the newest ``keep_last``."""
+def save_checkpoint(output_dir: str | os.PathLike, *, step: int, epoch: int, adapter_config: dict,
+                    adapter_tensors: dict[str, torch.Tensor], state: dict, config: dict, workers: int = 1,
+                    keep_last: int | None) -> Path:
+    """Write ``checkpoints/step_<N>`` atomically; prune to the newest ``keep_last``.
+
+    ``state`` holds the optimizer, schedule, scaler and loop state dicts and ``rng``, a
+    list of RNG states, one per worker.
+    """
     root = Path(output_dir) / DIRNAME
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{loop.step}"
-    tmp = root / f".step_{loop.step}.tmp"
+    final = root / f"step_{step}"
+    tmp = root / f".step_{step}.tmp"
     remove(tmp)
     tmp.mkdir()
     try:
-        save_adapter(model, tmp / "adapter", metadata=metadata)
-        state = {"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                 "scaler": scaler.state_dict(), "rng": rng_state(), "loop": loop.__dict__}
+        write_adapter(tmp / "adapter", adapter_config, adapter_tensors)
         write_synced(tmp / "trainer_state.pt", lambda f: torch.save(state, f))
-        _maybe_fault("ckpt-write", loop.step)
-        info = {"step": loop.step, "epoch": loop.epoch, "config": config}
+        _maybe_fault("ckpt-write", step)
+        info = {"step": step, "epoch": epoch, "workers": workers, "config": config}
         write_synced(tmp / "trainer_state.json", lambda f: f.write(json.dumps(info, indent=2).encode()))
         if final.exists():
             remove(final)
@@ -158,25 +165,44 @@ def _maybe_fault(point: str, step: int) -> None:
 
 @dataclass
 class Restored:
-    loop: LoopState
-    config: dict
+    """A checkpoint read back: the adapter, the trainer state and trainer_state.json."""
+
+    adapter: Adapter
+    state: dict
+    info: dict
     path: Path
 
+    @property
+    def loop(self) -> LoopState:
+        return LoopState(**self.state["loop"])
 
-def load_checkpoint(ckpt: Checkpoint, model, *, optimizer, schedule, scaler) -> Restored:
-    """Put the model, optimizer, schedule, scaler and RNGs back as they were at ``ckpt``."""
+    @property
+    def rng(self) -> list[dict]:
+        """One RNG state per worker that wrote the checkpoint."""
+        rng = self.state["rng"]
+        return rng if isinstance(rng, list) else [rng]
+
+
+def read_checkpoint(ckpt: Checkpoint) -> Restored:
+    """Read a checkpoint without touching any model."""
     try:
         info = json.loads((ckpt.path / "trainer_state.json").read_text())
         state = torch.load(ckpt.path / "trainer_state.pt", map_location="cpu", weights_only=True)
-    except (OSError, ValueError, RuntimeError, json.JSONDecodeError) as exc:
+        adapter = read_adapter(ckpt.path / "adapter")
+    except (OSError, ValueError, RuntimeError, UserError, json.JSONDecodeError) as exc:
+        detail = exc.what if isinstance(exc, UserError) else str(exc)
+        raise UserError(f"checkpoint cannot be read: {detail}", where=str(ckpt.path),
+                        fix="delete this checkpoint directory to resume from the one before it") from None
+    return Restored(adapter=adapter, state=state, info=info, path=ckpt.path)
+
+
+def read_info(ckpt: Checkpoint) -> dict:
+    """trainer_state.json of a checkpoint: step, epoch, workers, config."""
+    try:
+        return json.loads((ckpt.path / "trainer_state.json").read_text())
+    except (OSError, ValueError) as exc:
         raise UserError(f"checkpoint cannot be read: {exc}", where=str(ckpt.path),
                         fix="delete this checkpoint directory to resume from the one before it") from None
-    load_adapter_weights(model, read_adapter(ckpt.path / "adapter"))
-    optimizer.load_state_dict(state["optimizer"])
-    schedule.load_state_dict(state["schedule"])
-    scaler.load_state_dict(state["scaler"])
-    set_rng_state(state["rng"])
-    return Restored(loop=LoopState(**state["loop"]), config=info["config"], path=ckpt.path)
 
 
 def clean_partial(output_dir: str | os.PathLike) -> None:

@@ -27,6 +27,11 @@ Examples:
   lora-train configs/seed_linear.yaml output_dir=runs/try2 --overwrite
 
   lora-train configs/quickstart.yaml train.save_every=50 --resume
+
+  lora-train configs/quickstart.yaml --nproc-per-node 2 train.strategy=fsdp
+
+  torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
+      -m lora_cli train configs/quickstart.yaml
 """
 
 
@@ -59,31 +64,90 @@ def train_command(
     dry_run: bool = typer.Option(False, "--dry-run", help="Build model and data, print the plan, do not train."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run in a non-empty output_dir."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in output_dir."),
+    nproc_per_node: Optional[int] = typer.Option(
+        None, "--nproc-per-node", min=1, help="Train on this many workers on this machine (one per GPU; "
+        "on CPU they share the cores), as train.strategy says.", show_default=False),
 ) -> None:
     """Train a LoRA adapter as CONFIG describes; save it to output_dir/adapter."""
+    from . import distributed as dist
     from .config import load_config
-    from .console import ProgressReporter, show_interrupted, show_plan, show_train_result
-    from .train import Interrupted, plan, train
+    from .console import show_plan
 
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other", fix="pass one of them")
     cfg = load_config(config, overrides or [])
     search_path = Path(config).resolve().parent
-    if dry_run:
-        show_plan(plan(cfg, search_path=search_path))
-        return
+    workers = nproc_per_node or 1
+    if dist.launched():
+        if nproc_per_node:
+            raise UserError("--nproc-per-node starts workers, but this process already is one (torchrun "
+                            "started it)", where="--nproc-per-node", fix="leave --nproc-per-node out under torchrun")
+        _train_worker(cfg, config, overrides, overwrite=overwrite, resume=resume, search_path=search_path)
+    elif dry_run:
+        from .train import plan
+        show_plan(plan(cfg, search_path=search_path, world=dist.World(size=workers, strategy=cfg.train.strategy)))
+    elif workers > 1:
+        from .console import show_error
+        from .launch import launch
+
+        args = [str(config), *(overrides or []), *(["--overwrite"] if overwrite else []),
+                *(["--resume"] if resume else [])]
+        def resume_command() -> str | None:
+            from .checkpoint import checkpoints
+            found = checkpoints(cfg.output_dir)
+            return _resume_command(config, overrides, workers) if found else None
+
+        code, problem = launch(args, workers, resume_command)
+        if problem is not None:
+            show_error(problem)
+        raise typer.Exit(code)
+    else:
+        _train_here(cfg, config, overrides, overwrite=overwrite, resume=resume, search_path=search_path)
+
+
+def _train_here(cfg, config: Path, overrides, *, world=None, **kwargs) -> None:
+    from .console import ProgressReporter, show_interrupted, show_train_result
+    from .distributed import SINGLE
+    from .train import Interrupted, train
+
+    world = world or SINGLE
     try:
-        result = train(cfg, reporter=ProgressReporter(), overwrite=overwrite, resume=resume,
-                       search_path=search_path)
+        result = train(cfg, reporter=ProgressReporter(), world=world, **kwargs)
     except Interrupted as stop:
-        show_interrupted(stop, resume_command=_resume_command(config, overrides))
+        if world.is_main:
+            show_interrupted(stop, resume_command=_resume_command(config, overrides, world.size))
         raise typer.Exit(stop.exit_code) from None
-    show_train_result(result)
+    if world.is_main:
+        show_train_result(result)
 
 
-def _resume_command(config: Path, overrides: Optional[List[str]]) -> str:
+def _train_worker(cfg, config: Path, overrides, **kwargs) -> None:
+    """One worker of a torchrun (or --nproc-per-node) run. Rank 0 reports; a worker that
+    stops because another failed says so in one line and exits with PEER_FAILED."""
+    from . import distributed as dist
+    from .console import err
+    from .pipeline import resolve_device
+
+    world = dist.join(cfg.train.strategy, resolve_device(cfg.device))
+    try:
+        _train_here(cfg, config, overrides, world=world, **kwargs)
+    except dist.FollowerStop:
+        raise typer.Exit(2) from None
+    except dist.PeerFailed as exc:
+        err.print(str(exc), markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(dist.PEER_FAILED) from None
+    except UserError:
+        if world.is_main:
+            raise
+        raise typer.Exit(2) from None          # the same error on every rank: rank 0 prints it
+    finally:
+        dist.leave()
+
+
+def _resume_command(config: Path, overrides: Optional[List[str]], workers: int = 1) -> str:
     import shlex
-    return " ".join(shlex.quote(a) for a in ["lora-train", str(config), *(overrides or []), "--resume"])
+    workers = ["--nproc-per-node", str(workers)] if workers > 1 else []
+    return " ".join(shlex.quote(a) for a in ["lora-train", str(config), *(overrides or []), *workers, "--resume"])
 
 
 MERGE_EXAMPLES = """\

@@ -124,6 +124,10 @@ class TrainSection:
     keep_last: int | None = _field(3, "Keep only the newest this many checkpoints; null keeps all (>= 1).")
     resume: str = _field("never", "never, or auto: continue from the newest checkpoint in output_dir if any.")
     on_nan: str = _field("stop", "On a non-finite loss or gradient: stop, or skip that step.")
+    strategy: str = _field(
+        "ddp", "With several workers (--nproc-per-node N, or torchrun): ddp gives each a whole model and "
+        "averages the adapter's gradients; fsdp also splits the frozen base across them. "
+        "A single process ignores it.")
 
 
 @dataclass(kw_only=True)
@@ -180,6 +184,7 @@ _RULES: dict[str, Rule] = {
     "train.grad_accum": Rule(min=1),
     "train.lr": Rule(min=0, max=_F32_MAX, min_open=True),
     "train.optimizer": Rule(choices=("adamw", "adam", "sgd")),
+    "train.strategy": Rule(choices=("ddp", "fsdp")),
     "train.weight_decay": Rule(min=0),
     "train.scheduler": Rule(choices=("cosine", "linear", "constant")),
     "train.warmup_steps": Rule(min=0),

@@ -85,10 +85,20 @@ def show_plan(plan) -> None:
     out.print(table)
     if isinstance(d.train, datalib.TextData) and d.tokenizer is not None and hasattr(d.tokenizer, "decode"):
         show_example(d.train, d.tokenizer)
-    t = plan.cfg.train
-    out.print(f"device {plan.device}, dtype {plan.cfg.dtype}; batch {t.batch_size} x grad_accum {t.grad_accum}; "
+    workers = f"{plan.world.size} workers ({plan.world.strategy}), " if plan.world.distributed else ""
+    out.print(f"{workers}device {plan.device}, dtype {plan.cfg.dtype}; {describe_batch(plan)}; "
               f"{plan.steps_per_epoch} steps per epoch, {plan.total_steps} steps in all "
               f"({plan.epochs} epoch{'s' if plan.epochs != 1 else ''})")
+
+
+def describe_batch(plan) -> str:
+    """The batch a step sees: 'batch 8 x grad_accum 2', or with several workers
+    'global batch 32 = batch 8 x grad_accum 2 x 2 workers (ddp)'."""
+    t, world = plan.cfg.train, plan.world
+    if not world.distributed:
+        return f"batch {t.batch_size} x grad_accum {t.grad_accum}"
+    return (f"global batch {plan.global_batch} = batch {t.batch_size} x grad_accum {t.grad_accum} "
+            f"x {world.size} workers")
 
 
 def show_example(data, tokenizer) -> None:
@@ -123,7 +133,9 @@ class ProgressReporter:
         self.epochs = plan.epochs
         for note in plan.built.notes:
             show_note(note)
-        self.console.print(f"training {plan.total_steps} steps on {plan.device} "
+        where = f"{plan.world.size} workers ({plan.world.strategy}, rank 0 on {plan.device})" \
+            if plan.world.distributed else str(plan.device)
+        self.console.print(f"training {plan.total_steps} steps on {where}, {describe_batch(plan)} "
                            f"({plan.summary.trainable:,} trainable parameters, {plan.summary.percent:.3f}%)")
         if self.live:
             self.progress = Progress(
@@ -166,6 +178,9 @@ def show_train_result(result) -> None:
     table.add_row("trainable", f"{s.trainable:,} of {s.total:,} parameters ({s.percent:.3f}%)")
     table.add_row("adapter", f"{result.adapter_dir} ({_size(result.adapter_bytes)}; base {_size(result.base_bytes)})")
     table.add_row("steps", f"{result.steps} ({result.epochs:.2f} epochs) in {result.seconds:.1f} s")
+    if result.world.distributed:
+        table.add_row("workers", f"{result.world.size} ({result.world.strategy}), global batch {result.global_batch}; "
+                      f"{_size(result.gradient_bytes)} of adapter gradients exchanged per step")
     table.add_row("final train loss", _num(result.train_loss))
     if result.eval_final is not None:
         base, final = result.eval_base["loss"], result.eval_final["loss"]

@@ -30,15 +30,21 @@ def forward(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     return out.logits if hasattr(out, "logits") else out
 
 
-def loss_fn(task: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """The training loss of one batch, a scalar mean (over rows, or over target tokens)."""
+def loss_fn(task: str, output: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """The training loss of one batch: a scalar mean over its loss items (rows, or target
+    tokens), or with ``reduction="sum"`` their sum."""
     if task == "regression":
         pred = output.squeeze(-1) if output.dim() == 2 and output.shape[-1] == 1 else output
-        return F.mse_loss(pred.float(), target.float())
+        return F.mse_loss(pred.float(), target.float(), reduction=reduction)
     if task == "classification":
-        return F.cross_entropy(output.float(), target)
+        return F.cross_entropy(output.float(), target, reduction=reduction)
     logits = output.float().reshape(-1, output.shape[-1])            # (B*T, V)
-    return F.cross_entropy(logits, target.reshape(-1), ignore_index=IGNORE)
+    return F.cross_entropy(logits, target.reshape(-1), ignore_index=IGNORE, reduction=reduction)
+
+
+def loss_items(task: str, target: torch.Tensor) -> int:
+    """How many terms the batch's loss averages: target values, or target tokens."""
+    return int((target != IGNORE).sum()) if task == "causal_lm" else target.numel()
 
 
 class _Tally:
@@ -74,6 +80,17 @@ class _Tally:
             self.correct += int((logits[keep].argmax(-1) == labels[keep]).sum())
             self.n += int(keep.sum())
 
+    _SUMS = ("n", "loss_sum", "abs_sum", "y_sum", "y_sq_sum", "correct")
+
+    def combine(self, total: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Replace every sum by ``total(sum)`` (the sum over all workers' tallies)."""
+        flat = torch.tensor([float(getattr(self, k)) for k in self._SUMS] + self.confusion.flatten().tolist(),
+                            dtype=torch.float64)
+        flat = total(flat)
+        for i, k in enumerate(self._SUMS):
+            setattr(self, k, int(flat[i]) if k in ("n", "correct") else float(flat[i]))
+        self.confusion = flat[len(self._SUMS):].round().long().reshape(self.confusion.shape)
+
     def result(self) -> dict:
         n = max(self.n, 1)
         if self.task == "regression":
@@ -103,10 +120,13 @@ def macro_f1(confusion: torch.Tensor) -> float:
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], task: str, *,
              num_classes: int | None = None, device: torch.device | str = "cpu",
-             autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> dict:
+             autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+             total: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
     """Metrics of ``model`` over ``batches`` of (inputs, targets), in eval mode.
 
-    The model's train/eval mode is restored afterwards.
+    With several workers each passes its own share of the batches and ``total`` (a sum
+    over workers), so every worker gets the metrics of the whole set. The model's
+    train/eval mode is restored afterwards.
     """
     was_training = model.training
     model.eval()
@@ -119,6 +139,8 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
             tally.add(output, target)
     finally:
         model.train(was_training)
+    if total is not None:
+        tally.combine(total)
     return tally.result()
 
 

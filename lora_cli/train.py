@@ -19,6 +19,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
+from dataclasses import replace as dc_replace
 from pathlib import Path
 from typing import Protocol
 
@@ -26,10 +27,12 @@ import torch
 
 from . import checkpoint as ckpt
 from . import data as datalib
-from .adapter import WEIGHTS_NAME, save_adapter
+from . import distributed as dist
+from .adapter import WEIGHTS_NAME, adapter_config, adapter_keys, load_adapter_weights, write_adapter
 from .config import Config, config_to_dict, dump_config
+from .distributed import SINGLE, World
 from .errors import UserError
-from .evaluate import evaluate, forward, loss_fn
+from .evaluate import evaluate, forward, loss_fn, loss_items
 from .files import remove, write_atomic
 from .fused import shared_dropout
 from .inject import AdaptSummary, summarize
@@ -69,10 +72,16 @@ class Plan:
     steps_per_epoch: int
     total_steps: int
     epochs: int
+    world: World = SINGLE
 
     @property
     def unit(self) -> str:
         return "tokens" if self.cfg.task == "causal_lm" else "samples"
+
+    @property
+    def global_batch(self) -> int:
+        """Examples per optimizer step, over all workers."""
+        return global_batch(self.cfg, self.world.size)
 
 
 @dataclass
@@ -91,17 +100,26 @@ class TrainResult:
     adapter_bytes: int
     base_bytes: int | None
     notes: list[str] = field(default_factory=list)
+    world: World = SINGLE
+    global_batch: int = 0
+    gradient_bytes: int = 0     # per worker and optimizer step, sent into the gradient exchange
 
 
-def plan(cfg: Config, *, search_path: str | os.PathLike | None = None) -> Plan:
-    """Build everything a run needs and work out its length; nothing is written."""
+def global_batch(cfg: Config, workers: int) -> int:
+    return cfg.train.batch_size * cfg.train.grad_accum * workers
+
+
+def plan(cfg: Config, *, search_path: str | os.PathLike | None = None, world: World = SINGLE) -> Plan:
+    """Build everything a run needs and work out its length; nothing is written.
+
+    An epoch is ceil(n / global batch) optimizer steps, whatever the number of workers.
+    """
     built = build(cfg, search_path=search_path)
-    device = resolve_device(cfg.device)
-    t = cfg.train
-    per_epoch = math.ceil(datalib.num_batches(len(built.data.train), t.batch_size) / t.grad_accum)
-    total = t.max_steps or t.epochs * per_epoch
-    return Plan(cfg=cfg, built=built, device=device, summary=summarize(built.model),
-                steps_per_epoch=per_epoch, total_steps=total, epochs=math.ceil(total / per_epoch))
+    device = dist.worker_device(resolve_device(cfg.device), world)
+    per_epoch = math.ceil(len(built.data.train) / global_batch(cfg, world.size))
+    total = cfg.train.max_steps or cfg.train.epochs * per_epoch
+    return Plan(cfg=cfg, built=built, device=device, summary=summarize(built.model), steps_per_epoch=per_epoch,
+                total_steps=total, epochs=math.ceil(total / per_epoch), world=world)
 
 
 def make_optimizer(cfg: Config, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -156,34 +174,86 @@ class Interrupted(Exception):
         return 128 + self.signum
 
 
-# Config fields a resumed run may change; any other change is refused.
+# Config fields a resumed run may change; any other change is refused. grad_accum changes
+# with the number of workers, so that the global batch stays the checkpoint's.
 RESUMABLE_CHANGES = ("device", "train.epochs", "train.max_steps", "train.log_every", "train.eval_every",
-                     "train.save_every", "train.keep_last", "train.resume", "train.on_nan")
+                     "train.save_every", "train.keep_last", "train.resume", "train.on_nan", "train.strategy")
 
 
-def _check_resume_config(saved: dict, cfg: Config, where: Path) -> list[str]:
-    """Refuse config changes that cannot happen mid-run; return notes on allowed ones."""
+def resume_config(info: dict, cfg: Config, workers: int, where: Path) -> tuple[Config, list[str]]:
+    """The config to resume a checkpoint with (``info`` is its trainer_state.json) on
+    ``workers`` workers, and notes on what changed.
+
+    Changes that cannot happen mid-run are refused. On another number of workers the
+    global batch (batch_size x grad_accum x workers) must stay the same: grad_accum is
+    rescaled to keep it, or the resume is refused when no whole grad_accum does.
+    """
     from .config import config_from_dict, diff_fields
 
-    old = config_from_dict(saved, source=str(where), check_files=False)
-    changed = diff_fields(old, cfg)
+    old = config_from_dict(info["config"], source=str(where), check_files=False)
+    saved_workers = int(info.get("workers", 1))
+    notes = []
+    if saved_workers != workers:
+        want = global_batch(old, saved_workers)
+        if global_batch(cfg, workers) != want:
+            per_step = cfg.train.batch_size * workers
+            if cfg.train.grad_accum != old.train.grad_accum or want % per_step:
+                raise UserError(
+                    f"cannot resume on {workers} worker(s): the checkpoint was trained with {want} examples per "
+                    f"step (batch_size {old.train.batch_size} x grad_accum {old.train.grad_accum} x "
+                    f"{saved_workers} workers), and batch_size {cfg.train.batch_size} x {workers} workers "
+                    f"does not divide {want}", where=str(where),
+                    fix=f"resume on a number of workers that divides {want // cfg.train.batch_size}, or set "
+                        f"train.grad_accum so that batch_size x grad_accum x workers = {want}")
+            cfg = dc_replace(cfg, train=dc_replace(cfg.train, grad_accum=want // per_step))
+        notes.append(f"resuming on {workers} worker(s) instead of {saved_workers}: grad_accum "
+                     f"{old.train.grad_accum} -> {cfg.train.grad_accum} keeps {want} examples per step")
+    changed = [f for f in diff_fields(old, cfg) if f != "train.grad_accum" or saved_workers == workers]
     fixed = [f for f in changed if f not in RESUMABLE_CHANGES]
     if fixed:
         raise UserError(f"cannot resume with a changed {', '.join(fixed)}: the checkpoint was trained "
                         "with other values", where=str(where),
                         fix="restore those config values, or start a new run with --overwrite")
-    return [f"resuming with a changed {f}" for f in changed]
+    return cfg, notes + [f"resuming with a changed {f}" for f in changed]
+
+
+def _resume_point(out: Path, cfg: Config, resume: bool) -> tuple[ckpt.Checkpoint, dict] | None:
+    """The newest complete checkpoint to resume from (and its trainer_state.json), if any."""
+    if not (resume or cfg.train.resume == "auto"):
+        return None
+    ckpt.clean_partial(out)
+    found = ckpt.checkpoints(out)
+    if found:
+        return found[-1], ckpt.read_info(found[-1])
+    if resume:
+        raise UserError("no complete checkpoint to resume from", where=str(out / ckpt.DIRNAME),
+                        fix="run without --resume; set train.save_every to write checkpoints")
+    return None
+
+
+def _check_strategy(p: Plan) -> None:
+    if p.world.distributed and p.world.strategy == "fsdp" and p.cfg.dtype == "float16":
+        raise UserError("train.strategy fsdp cannot train in dtype float16: the loss scaler would skip a "
+                        "step on some workers and not on others", where="dtype",
+                        fix="use dtype: bfloat16 (or float32) with fsdp, or train.strategy: ddp")
 
 
 @contextlib.contextmanager
 def _stop_on_signals():
-    """Record SIGINT/SIGTERM instead of dying mid-step; a second one stops at once."""
+    """Record SIGINT/SIGTERM instead of dying mid-step; a second one stops at once.
+
+    A repeat within a second counts as the same request: a launcher passes on the
+    signal that a terminal also sent to every worker directly.
+    """
     received: list[int] = []
+    first: list[float] = []
 
     def handler(signum, frame):
-        if received:
+        if received and time.monotonic() - first[0] > 1.0:
             raise KeyboardInterrupt
-        received.append(signum)
+        if not received:
+            received.append(signum)
+            first.append(time.monotonic())
 
     previous = {}
     if threading.current_thread() is threading.main_thread():
@@ -197,60 +267,79 @@ def _stop_on_signals():
 
 
 def train(cfg: Config, *, reporter: Reporter | None = None, overwrite: bool = False, resume: bool = False,
-          search_path: str | os.PathLike | None = None, prepared: Plan | None = None) -> TrainResult:
+          search_path: str | os.PathLike | None = None, prepared: Plan | None = None,
+          world: World = SINGLE) -> TrainResult:
     """Train the adapter ``cfg`` describes and write it to ``cfg.output_dir``.
 
     With ``resume`` (or ``train.resume: auto``) the run continues from the newest
     complete checkpoint in output_dir and ends exactly as an uninterrupted run would.
+    ``world`` is this worker's place in a multi-worker run (see :mod:`lora_cli.distributed`);
+    every worker calls ``train`` and gets the same result, rank 0 writes the files.
     """
-    reporter = reporter or _Silent()
+    reporter = (reporter or _Silent()) if world.is_main else _Silent()
     out = Path(cfg.output_dir)
-    start_from = None
-    if resume or cfg.train.resume == "auto":
-        ckpt.clean_partial(out)
-        found = ckpt.checkpoints(out)
-        if found:
-            start_from = found[-1]
-        elif resume:
-            raise UserError("no complete checkpoint to resume from", where=str(out / ckpt.DIRNAME),
-                            fix="run without --resume; set train.save_every to write checkpoints")
-    notes: list[str] = []
-    if start_from is not None:
-        saved = json.loads((start_from.path / "trainer_state.json").read_text())["config"]
-        notes = _check_resume_config(saved, cfg, start_from.path)
-    p = prepared or plan(cfg, search_path=search_path)
-    if start_from is None:
-        prepare_output_dir(out, overwrite)
-        write_atomic(out / "config.yaml", lambda f: f.write(dump_config(cfg).encode()))
+    start = world.on_main(lambda: _resume_point(out, cfg, resume))
 
-    model, data, device, t = p.built.model, p.built.data, p.device, cfg.train
-    model.to(device)
-    params = [q for q in model.parameters() if q.requires_grad]
+    def setup() -> tuple[Plan, list[str]]:
+        c, notes = (cfg, []) if start is None else resume_config(start[1], cfg, world.size, start[0].path)
+        p = prepared if prepared is not None and c is cfg else plan(c, search_path=search_path, world=world)
+        _check_strategy(p)
+        return p, notes
+
+    p, notes = world.on_all(setup)
+    cfg, t = p.cfg, p.cfg.train
+    model, data = p.built.model, p.built.data
+    restored = world.on_main(lambda: ckpt.read_checkpoint(start[0])) if start else None
+    if restored is None:
+        world.on_main(lambda: _start_output_dir(out, cfg, overwrite))
+    else:
+        world.on_all(lambda: load_adapter_weights(model, restored.adapter))
+    metadata = adapter_metadata(cfg, p.built)
+    saved_adapter_config = adapter_config(model, metadata=metadata, **peft_fields(cfg))
+    keys = adapter_keys(model)                      # adapter key -> model state-dict key
+    saved_config = config_to_dict(cfg)
+    grad_bytes = dist.gradient_bytes(model, world)
+
+    engine = dist.wrap(model, world, p.device)      # what the step calls: model, DDP(model) or sharded model
+    params = [q for q in engine.parameters() if q.requires_grad]
     optimizer = make_optimizer(cfg, params)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total=p.total_steps, warmup=t.warmup_steps, kind=t.scheduler))
-    autocast = autocast_for(device, cfg.dtype)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "float16" and device.type == "cuda")
+    autocast = autocast_for(p.device, cfg.dtype)
+    scaler = torch.amp.GradScaler(p.device.type, enabled=cfg.dtype == "float16" and p.device.type == "cuda")
     pad = data.tokenizer.pad_id if data.tokenizer is not None else None
-    metadata = adapter_metadata(cfg, p.built)
-    saved_config = config_to_dict(cfg)
 
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed + world.rank)        # dropout masks differ between workers
     loop = ckpt.LoopState()
-    if start_from is not None:
-        loop = ckpt.load_checkpoint(start_from, model, optimizer=optimizer, schedule=schedule, scaler=scaler).loop
-        ckpt.trim_metrics(out / "metrics.jsonl", loop.step)
-        notes.insert(0, f"resuming from {start_from.path} (step {loop.step})")
+    if restored is not None:
+        optimizer.load_state_dict(dist.shard_optimizer_state(optimizer, restored.state["optimizer"]))
+        schedule.load_state_dict(restored.state["schedule"])
+        scaler.load_state_dict(restored.state["scaler"])
+        loop = restored.loop
+        if len(restored.rng) == world.size:
+            ckpt.set_rng_state(restored.rng[world.rank])
+        else:
+            torch.manual_seed(cfg.seed + world.rank + 7919 * loop.step)
+            notes.append(f"the checkpoint holds the random state of {len(restored.rng)} worker(s), not "
+                         f"{world.size}: dropout masks from here on differ from an uninterrupted run")
+        world.on_main(lambda: ckpt.trim_metrics(out / "metrics.jsonl", loop.step))
+        notes.insert(0, f"resuming from {restored.path} (step {loop.step})")
     p.built.notes.extend(notes)
 
     def log_row(row: dict) -> None:
-        log.write(json.dumps(row) + "\n")
-        log.flush()
+        if log is not None:
+            log.write(json.dumps(row) + "\n")
+            log.flush()
 
     def run_eval() -> dict:
+        # ddp: each worker evaluates its share and the sums are added up; fsdp: every
+        # worker runs every batch, since each forward needs all workers' shards.
+        sharded = world.distributed and world.strategy == "ddp"
         order = torch.arange(len(data.eval))
-        metrics = evaluate(model, batches(data.eval, order, t.batch_size, pad), cfg.task,
-                           num_classes=data.num_classes, device=device, autocast=autocast)
+        mine = dist.shard(order, world, pad=False) if sharded else order
+        metrics = evaluate(dist.inner(engine), batches(data.eval, mine, t.batch_size, pad), cfg.task,
+                           num_classes=data.num_classes, device=p.device, autocast=autocast,
+                           total=world.sum_tensor if sharded else None)
         row = {"step": loop.step, "epoch": round(loop.step / p.steps_per_epoch, 4),
                **{f"eval_{k}": v for k, v in metrics.items() if k not in ("confusion", "n")}}
         log_row(row)
@@ -258,92 +347,127 @@ def train(cfg: Config, *, reporter: Reporter | None = None, overwrite: bool = Fa
         loop.last_eval_step = loop.step
         return metrics
 
+    def adapter_now() -> dict[str, torch.Tensor]:
+        tensors = dist.full_tensors(engine, keys.values())      # every worker takes part
+        return {k: tensors[n] for k, n in keys.items()}
+
     def checkpoint() -> Path:
-        return ckpt.save_checkpoint(out, model, loop=loop, optimizer=optimizer, schedule=schedule, scaler=scaler,
-                                    config=saved_config, metadata=metadata, keep_last=t.keep_last)
+        tensors = adapter_now()
+        state = {"optimizer": dist.full_optimizer_state(optimizer), "schedule": schedule.state_dict(),
+                 "scaler": scaler.state_dict(), "rng": world.gather(ckpt.rng_state()), "loop": dict(loop.__dict__)}
+        return world.on_main(lambda: ckpt.save_checkpoint(
+            out, step=loop.step, epoch=loop.epoch, adapter_config=saved_adapter_config, adapter_tensors=tensors,
+            state=state, config=saved_config, workers=world.size, keep_last=t.keep_last))
 
     started = time.perf_counter()
     window_start = time.perf_counter()
-    model.train()
-    with open(out / "metrics.jsonl", "a") as log, _stop_on_signals() as received:
-        reporter.start(p)
-        if data.eval is not None and loop.step == 0:
-            loop.eval_base = loop.eval_final = run_eval()
-        while loop.step < p.total_steps:
-            order = datalib.epoch_order(len(data.train), seed=cfg.seed, epoch=loop.epoch)
-            done = loop.step_in_epoch * t.grad_accum * t.batch_size     # examples this epoch already saw
-            micro = batches(data.train, order[done:], t.batch_size, pad)
+    engine.train()
+    log = open(out / "metrics.jsonl", "a") if world.is_main else None
+    try:
+        with _stop_on_signals() as received:
+            reporter.start(p)
+            if data.eval is not None and loop.step == 0:
+                loop.eval_base = loop.eval_final = run_eval()
             while loop.step < p.total_steps:
-                group = [b for _, b in zip(range(t.grad_accum), micro)]
-                loss_sum = 0.0
-                for inputs, target in group:
-                    inputs, target = inputs.to(device), target.to(device)
-                    with autocast():
-                        loss = loss_fn(cfg.task, forward(model, inputs), target) / len(group)
-                    scaler.scale(loss).backward()
-                    loss_sum += float(loss.detach())
-                    loop.window_items += inputs.numel() if p.unit == "tokens" else inputs.shape[0]
-                scaler.unscale_(optimizer)
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.clip_grad_norm or float("inf")))
-                finite = math.isfinite(loss_sum) and (scaler.is_enabled() or math.isfinite(grad_norm))
-                if not finite and t.on_nan == "stop":
-                    last = ckpt.checkpoints(out)
-                    kept = f"; the last good checkpoint is {last[-1].path}" if last else ""
-                    raise TrainingError(
-                        f"the {'loss' if not math.isfinite(loss_sum) else 'gradient norm'} became non-finite "
-                        f"at step {loop.step + 1}{kept}", where="train",
-                        fix="lower train.lr, set train.clip_grad_norm, use dtype: float32, "
-                            "or train.on_nan: skip to skip such steps")
-                if finite:
-                    scaler.step(optimizer)
-                    loop.window_loss += loss_sum
-                else:
-                    loop.skipped += 1
-                scaler.update()
-                schedule.step()
-                optimizer.zero_grad(set_to_none=True)
-                loop.step += 1
-                loop.step_in_epoch += 1
-                row = None
-                if loop.step % t.log_every == 0 or loop.step == p.total_steps:
-                    elapsed = time.perf_counter() - window_start
-                    n_steps = (loop.step - 1) % t.log_every + 1
-                    loop.last_loss = loop.window_loss / n_steps
-                    row = {"step": loop.step, "epoch": round(loop.step / p.steps_per_epoch, 4),
-                           "loss": loop.last_loss, "lr": schedule.get_last_lr()[0], "grad_norm": grad_norm,
-                           f"{p.unit}_per_s": loop.window_items / elapsed if elapsed > 0 else None}
-                    if loop.skipped:
-                        row["skipped_steps"] = loop.skipped
-                    log_row(row)
-                    loop.window_loss, loop.window_items, window_start = 0.0, 0, time.perf_counter()
-                reporter.step(loop.step, loop.epoch, row)
-                if data.eval is not None and t.eval_every and loop.step % t.eval_every == 0:
-                    loop.eval_final = run_eval()
-                epoch_done = loop.step_in_epoch == p.steps_per_epoch
-                if epoch_done:
-                    loop.epoch, loop.step_in_epoch = loop.epoch + 1, 0
-                    if data.eval is not None and not t.eval_every:
+                order = datalib.epoch_order(len(data.train), seed=cfg.seed, epoch=loop.epoch)
+                left = order[loop.step_in_epoch * p.global_batch:]       # what this epoch has not seen yet
+                micro = batches(data.train, dist.shard(left, world), t.batch_size, pad)
+                while loop.step < p.total_steps:
+                    group = [b for _, b in zip(range(t.grad_accum), micro)]
+                    n_items = max(1.0, world.sum([sum(loss_items(cfg.task, y) for _, y in group)])[0])
+                    loss_sum, items = 0.0, 0
+                    for i, (inputs, target) in enumerate(group):
+                        inputs, target = inputs.to(p.device), target.to(p.device)
+                        with dist.gradient_sync(engine, world, enabled=i == len(group) - 1):
+                            with autocast():
+                                output = forward(engine, inputs)
+                                loss = loss_fn(cfg.task, output, target, reduction="sum") * (world.size / n_items)
+                            scaler.scale(loss).backward()
+                        loss_sum += float(loss.detach()) / world.size
+                        items += inputs.numel() if p.unit == "tokens" else inputs.shape[0]
+                    scaler.unscale_(optimizer)
+                    grad_norm = dist.grad_norm(torch.nn.utils.clip_grad_norm_(params, t.clip_grad_norm or float("inf")))
+                    loss_sum, items, stopping = world.sum([loss_sum, items, float(bool(received))])
+                    loop.window_items += int(items)
+                    finite = math.isfinite(loss_sum) and (scaler.is_enabled() or math.isfinite(grad_norm))
+                    if not finite and t.on_nan == "stop":
+                        last = ckpt.checkpoints(out) if world.is_main else []
+                        kept = f"; the last good checkpoint is {last[-1].path}" if last else ""
+                        raise TrainingError(
+                            f"the {'loss' if not math.isfinite(loss_sum) else 'gradient norm'} became non-finite "
+                            f"at step {loop.step + 1}{kept}", where="train",
+                            fix="lower train.lr, set train.clip_grad_norm, use dtype: float32, "
+                                "or train.on_nan: skip to skip such steps")
+                    if finite:
+                        scaler.step(optimizer)
+                        loop.window_loss += loss_sum
+                    else:
+                        loop.skipped += 1
+                    scaler.update()
+                    schedule.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    loop.step += 1
+                    loop.step_in_epoch += 1
+                    row = None
+                    if loop.step % t.log_every == 0 or loop.step == p.total_steps:
+                        elapsed = time.perf_counter() - window_start
+                        n_steps = (loop.step - 1) % t.log_every + 1
+                        loop.last_loss = loop.window_loss / n_steps
+                        row = {"step": loop.step, "epoch": round(loop.step / p.steps_per_epoch, 4),
+                               "loss": loop.last_loss, "lr": schedule.get_last_lr()[0], "grad_norm": grad_norm,
+                               f"{p.unit}_per_s": loop.window_items / elapsed if elapsed > 0 else None}
+                        if loop.skipped:
+                            row["skipped_steps"] = loop.skipped
+                        log_row(row)
+                        loop.window_loss, loop.window_items, window_start = 0.0, 0, time.perf_counter()
+                    reporter.step(loop.step, loop.epoch, row)
+                    if data.eval is not None and t.eval_every and loop.step % t.eval_every == 0:
                         loop.eval_final = run_eval()
-                saved_at = checkpoint() if t.save_every and loop.step % t.save_every == 0 else None
-                if received:
-                    reporter.finish()
-                    raise Interrupted(received[0], loop.step, saved_at or checkpoint())
-                if epoch_done:
-                    break
-        if data.eval is not None and loop.last_eval_step != loop.step:
-            loop.eval_final = run_eval()
-        reporter.finish()
-    shared_dropout.clear()   # it holds the last dropped activation
-    seconds = time.perf_counter() - started
+                    epoch_done = loop.step_in_epoch == p.steps_per_epoch
+                    if epoch_done:
+                        loop.epoch, loop.step_in_epoch = loop.epoch + 1, 0
+                        if data.eval is not None and not t.eval_every:
+                            loop.eval_final = run_eval()
+                    saved_at = checkpoint() if t.save_every and loop.step % t.save_every == 0 else None
+                    if stopping:
+                        reporter.finish()
+                        signum = received[0] if received else signal.SIGTERM
+                        raise Interrupted(signum, loop.step, saved_at or checkpoint())
+                    if epoch_done:
+                        break
+            if data.eval is not None and loop.last_eval_step != loop.step:
+                loop.eval_final = run_eval()
+            reporter.finish()
+        shared_dropout.clear()   # it holds the last dropped activation
+        seconds = time.perf_counter() - started
+        tensors = adapter_now()
+        adapter_dir, adapter_bytes = world.on_main(lambda: _write_adapter(out, saved_adapter_config, tensors))
+    except Exception as exc:
+        if world.distributed and dist.is_peer_failure(exc):
+            raise dist.PeerFailed(world.rank, exc) from None
+        raise
+    finally:
+        if log is not None:
+            log.close()
 
-    model.to("cpu")
-    adapter_dir = save_adapter(model, out / "adapter", metadata=metadata, **peft_fields(cfg))
+    if not world.distributed:
+        model.to("cpu")
     base = cfg.model.base or cfg.model.hf
     return TrainResult(output_dir=out, adapter_dir=adapter_dir, steps=loop.step,
                        epochs=loop.step / p.steps_per_epoch, seconds=seconds, train_loss=loop.last_loss,
                        eval_base=loop.eval_base, eval_final=loop.eval_final, summary=p.summary,
-                       adapter_bytes=(adapter_dir / WEIGHTS_NAME).stat().st_size,
-                       base_bytes=_size_on_disk(base) if base else None, notes=p.built.notes)
+                       adapter_bytes=adapter_bytes, base_bytes=_size_on_disk(base) if base else None,
+                       notes=p.built.notes, world=world, global_batch=p.global_batch, gradient_bytes=grad_bytes)
+
+
+def _start_output_dir(out: Path, cfg: Config, overwrite: bool) -> None:
+    prepare_output_dir(out, overwrite)
+    write_atomic(out / "config.yaml", lambda f: f.write(dump_config(cfg).encode()))
+
+
+def _write_adapter(out: Path, config: dict, tensors: dict[str, torch.Tensor]) -> tuple[Path, int]:
+    adapter_dir = write_adapter(out / "adapter", config, tensors)
+    return adapter_dir, (adapter_dir / WEIGHTS_NAME).stat().st_size
 
 
 def _size_on_disk(path: str) -> int:

@@ -1,0 +1,358 @@
+"""Training on several workers with torch.distributed: who each worker is, and what they share.
+
+A run on W workers (ranks 0..W-1, started by torchrun or ``lora-train --nproc-per-node``)
+behaves like one process whose batch is W times larger::
+
+    global batch G = batch_size x grad_accum x W          (examples per optimizer step)
+    epoch order    = one permutation of the n examples, the same on every rank (seed, epoch)
+    rank r reads   = positions r, r+W, r+2W, ... of what is left of it, wrapped around
+                     so that every rank has ceil(left / W) examples
+
+so optimizer step s sees the same G examples as a single process with batch G, and its
+gradient is the mean over them. Two strategies:
+
+    ddp    DistributedDataParallel over the trainable parameters: after backward, the
+           adapter's gradients (not the frozen base's) are averaged across workers.
+    fsdp   FSDP2 ``fully_shard``: every parameter, frozen base included, is split across
+           workers (one unit per element of the model's outer ModuleList, plus the root)
+           and gathered only while its unit runs. The adapter is gathered whole to save.
+
+Only rank 0 writes files and prints. Decisions that depend on the disk (resume or not,
+from which checkpoint) are taken on rank 0 and broadcast, so workers on machines
+without a shared file system agree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+T = TypeVar("T")
+
+STRATEGIES = ("ddp", "fsdp")
+
+# Exit code of a worker that stopped because another worker failed (the one to look at).
+PEER_FAILED = 3
+
+
+class FollowerStop(Exception):
+    """A non-zero rank stops because rank 0 reported a user error (rank 0 prints it)."""
+
+    exit_code = 2
+
+
+class PeerFailed(Exception):
+    """A collective failed: another worker died or hung up."""
+
+    def __init__(self, rank: int, cause: BaseException):
+        # gloo says "[.../pair.cc:537] Read error [host]:port: Connection reset by peer. This is ..."
+        detail = re.sub(r"^\[[^\]]*\]\s*", "", str(cause).strip().splitlines()[0] if str(cause).strip() else "")
+        detail = detail.split(". ")[0][:200] or type(cause).__name__
+        super().__init__(f"rank {rank}: stopped because another worker failed ({detail})")
+        self.rank = rank
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the workers; a single process is rank 0 of 1."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    strategy: str = "ddp"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    def _device(self) -> torch.device:
+        """Where collectives' tensors live: the current CUDA device under nccl, else CPU."""
+        if torch.distributed.get_backend() == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def sum(self, values: Sequence[float]) -> list[float]:
+        """Element-wise sums over all ranks (float64)."""
+        if not self.distributed:
+            return list(values)
+        t = torch.tensor(list(values), dtype=torch.float64, device=self._device())
+        torch.distributed.all_reduce(t)
+        return t.tolist()
+
+    def sum_tensor(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` summed over all ranks (a new tensor)."""
+        if not self.distributed:
+            return t
+        out = t.to(self._device(), copy=True)
+        torch.distributed.all_reduce(out)
+        return out.to(t.device)
+
+    def gather(self, obj: T) -> list[T]:
+        """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+        if not self.distributed:
+            return [obj]
+        out: list = [None] * self.size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def broadcast(self, obj: T) -> T:
+        """Rank 0's ``obj`` on every rank."""
+        if not self.distributed:
+            return obj
+        box = [obj if self.is_main else None]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def on_main(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on rank 0 only and hand its result to every rank. A UserError it
+        raises is raised on rank 0 (which reports it) and stops the others quietly."""
+        if not self.distributed:
+            return fn()
+        if self.is_main:
+            try:
+                result = fn()
+            except BaseException:
+                self.broadcast((None, True))
+                raise
+            self.broadcast((result, False))
+            return result
+        result, failed = self.broadcast(None)
+        if failed:
+            raise FollowerStop()
+        return result
+
+    def on_all(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on every rank; if it raised a UserError anywhere, stop everywhere.
+
+        Rank 0 reports once: its own error, or the first other rank's (prefixed with that
+        rank) when rank 0 itself succeeded. The other ranks stop quietly.
+        """
+        if not self.distributed:
+            return fn()
+        try:
+            result, error = fn(), None
+        except UserError as exc:
+            result, error = None, exc
+        messages = self.gather(None if error is None else str(error))
+        if not any(messages):
+            return result
+        if not self.is_main:
+            raise FollowerStop()
+        if error is not None:
+            raise error
+        rank, text = next((r, m) for r, m in enumerate(messages) if m)
+        raise UserError(f"rank {rank}: {text}")
+
+
+SINGLE = World()
+
+
+def launched() -> bool:
+    """Whether this process is a worker started by torchrun (or lora-train --nproc-per-node)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
+
+
+def fsdp_available() -> bool:
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401  (FSDP2, torch >= 2.6)
+    except ImportError:
+        return False
+    return True
+
+
+def join(strategy: str, device: torch.device) -> World:
+    """Join the process group torchrun set up (env:// rendezvous): gloo on CPU, nccl on CUDA."""
+    import torch.distributed as dist
+
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"distributed training runs on cpu or cuda, not {device.type}", where="device",
+                        fix="set device: cpu or device: cuda")
+    if strategy == "fsdp" and not fsdp_available():
+        raise UserError(f"train.strategy fsdp needs FSDP2 (torch >= 2.6), this is torch {torch.__version__}",
+                        where="train.strategy", fix="use train.strategy: ddp, or upgrade torch")
+    rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(f"worker {local_rank} on this machine has no GPU ({torch.cuda.device_count()} visible)",
+                            where="--nproc-per-node", fix="start at most one worker per GPU")
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return World(rank=rank, size=size, local_rank=local_rank, strategy=strategy)
+
+
+def leave() -> None:
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def worker_device(device: torch.device, world: World) -> torch.device:
+    """Each worker on a machine takes its own GPU (cuda:LOCAL_RANK)."""
+    if world.distributed and device.type == "cuda":
+        return torch.device("cuda", world.local_rank)
+    return device
+
+
+_PEER_ERROR = re.compile(r"gloo|NCCL|Connection (reset|closed)|Broken pipe|DistBackendError|"
+                         r"ProcessGroup|timed out|Socket", re.IGNORECASE)
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective failing because another worker went away."""
+    import torch.distributed as dist
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    return isinstance(exc, RuntimeError) and bool(_PEER_ERROR.search(str(exc)))
+
+
+# --- the data each rank reads ---------------------------------------------------------------
+
+def shard(order: torch.Tensor, world: World, *, pad: bool = True) -> torch.Tensor:
+    """This rank's part of ``order``: positions rank, rank+W, ... With ``pad`` the order is
+    first wrapped around to a multiple of W, so every rank gets the same count."""
+    if not world.distributed:
+        return order
+    if pad and len(order) % world.size:
+        extra = world.size - len(order) % world.size
+        order = torch.cat([order, order.repeat(extra // max(len(order), 1) + 1)[:extra]])
+    return order[world.rank::world.size]
+
+
+# --- wrapping the model ---------------------------------------------------------------------
+
+def wrap(model: nn.Module, world: World, device: torch.device) -> nn.Module:
+    """The module the training step calls: the model itself, a DDP wrapper over it, or the
+    model with FSDP2 sharding applied (in place). Trainable parameters start equal on all
+    ranks (rank 0's values)."""
+    if not world.distributed:
+        return model.to(device)
+    if world.strategy == "fsdp":
+        _fully_shard(model, device)
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    model.to(device)
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.distributed.broadcast(p.data, src=0)
+    # No broadcast of the frozen base at start (every rank loaded the same one) nor of
+    # buffers at each forward; gradients are bucketed and averaged for parameters with
+    # requires_grad only.
+    import inspect
+    accepted = inspect.signature(DistributedDataParallel).parameters
+    options = {"init_sync": False} if "init_sync" in accepted else {}
+    options["forward_sync_buffers" if "forward_sync_buffers" in accepted else "broadcast_buffers"] = False
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None, **options)
+
+
+def inner(model: nn.Module) -> nn.Module:
+    """The user's model inside a DDP wrapper (or the model itself)."""
+    return getattr(model, "module", model) if type(model).__name__ == "DistributedDataParallel" else model
+
+
+def _shard_units(model: nn.Module) -> list[nn.Module]:
+    """Modules to shard as one unit each: the elements of the outermost ModuleLists
+    (transformer blocks). A unit whose parameter is also used elsewhere (tied weights)
+    is left to the root unit, which holds everything not in a unit."""
+    units: list[nn.Module] = []
+    lists: list[str] = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and not any(name.startswith(n + ".") for n in lists):
+            lists.append(name)
+            units.extend(m for m in module if any(True for _ in m.parameters()))
+    unit_of = {id(sub): i for i, u in enumerate(units) for sub in u.modules()}
+    users: dict[int, set[int]] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            users.setdefault(id(p), set()).add(unit_of.get(id(module), -1))
+    return [u for i, u in enumerate(units) if all(users[id(p)] == {i} for p in u.parameters())]
+
+
+def _fully_shard(model: nn.Module, device: torch.device) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    for unit in _shard_units(model):
+        fully_shard(unit, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, world: World, enabled: bool):
+    """Skip the gradient exchange for all but the last micro-batch of an optimizer step."""
+    if not world.distributed or enabled:
+        if world.strategy == "fsdp" and world.distributed:
+            model.set_requires_gradient_sync(True)
+        yield
+    elif world.strategy == "fsdp":
+        model.set_requires_gradient_sync(False)
+        yield
+    else:
+        with model.no_sync():
+            yield
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """A tensor whole on CPU; a sharded one is gathered (every rank must call this)."""
+    if hasattr(t, "full_tensor"):
+        t = t.full_tensor()
+    return t.detach().cpu()
+
+
+def full_tensors(model: nn.Module, names: Iterable[str]) -> dict[str, torch.Tensor]:
+    """Whole CPU copies of the named state-dict entries, in the order given."""
+    state = inner(model).state_dict(keep_vars=True)
+    return {n: full(state[n]).clone() for n in names}
+
+
+def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+    """``optimizer.state_dict()`` with sharded state gathered whole (every rank must call this)."""
+    sd = optimizer.state_dict()
+    sd["state"] = {i: {k: full(v) if isinstance(v, torch.Tensor) else v for k, v in s.items()}
+                   for i, s in sorted(sd["state"].items())}
+    return sd
+
+
+def shard_optimizer_state(optimizer: torch.optim.Optimizer, sd: dict) -> dict:
+    """A whole optimizer state laid out like this rank's (possibly sharded) parameters."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    state = {}
+    for i, s in sd["state"].items():
+        p = params[int(i)]
+        mesh = getattr(p, "device_mesh", None)
+        state[i] = {}
+        for k, v in s.items():
+            if mesh is not None and isinstance(v, torch.Tensor) and v.shape == p.shape:
+                from torch.distributed.tensor import distribute_tensor
+                v = distribute_tensor(v.to(p.device), mesh, p.placements, src_data_rank=None)
+            state[i][k] = v
+    return {**sd, "state": state}
+
+
+def grad_norm(norm: torch.Tensor) -> float:
+    """clip_grad_norm_'s result as a float (a replicated DTensor under fsdp)."""
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+def gradient_bytes(model: nn.Module, world: World) -> int:
+    """Bytes of gradient each worker sends into the exchange per optimizer step: all
+    trainable parameters' gradients, once (0 on one worker)."""
+    if not world.distributed:
+        return 0
+    return sum(p.numel() * p.element_size() for p in inner(model).parameters() if p.requires_grad)
