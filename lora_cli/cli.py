@@ -129,8 +129,10 @@ def _train_worker(cfg, config: Path, overrides, **kwargs) -> None:
     from .pipeline import resolve_device
 
     world = dist.join(cfg.train.strategy, resolve_device(cfg.device))
+    ok = False
     try:
         _train_here(cfg, config, overrides, world=world, **kwargs)
+        ok = True
     except dist.FollowerStop:
         raise typer.Exit(2) from None
     except dist.PeerFailed as exc:
@@ -141,7 +143,7 @@ def _train_worker(cfg, config: Path, overrides, **kwargs) -> None:
             raise
         raise typer.Exit(2) from None          # the same error on every rank: rank 0 prints it
     finally:
-        dist.leave()
+        dist.leave(ok)
 
 
 def _resume_command(config: Path, overrides: Optional[List[str]], workers: int = 1) -> str:

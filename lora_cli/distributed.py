@@ -195,9 +195,14 @@ def join(strategy: str, device: torch.device) -> World:
     return World(rank=rank, size=size, local_rank=local_rank, strategy=strategy)
 
 
-def leave() -> None:
+def leave(ok: bool) -> None:
+    """Leave the process group. After a clean run the workers first wait for each other:
+    one tearing down its connections while another still uses them can abort."""
     import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if ok:
+        dist.barrier()
         dist.destroy_process_group()
 
 

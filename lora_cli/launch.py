@@ -53,10 +53,10 @@ class Failure:
 def explain(failures: list[Failure], nproc: int, resume: str | None = None) -> tuple[int, UserError | None]:
     """The run's exit code, and the message to print (None when rank 0 already said it all).
     ``resume`` is the command that continues from the last checkpoint, if there is one."""
-    codes = {f.shell_code for f in failures}
+    primary = [f for f in failures if not f.secondary] or failures
+    codes = {f.shell_code for f in primary}
     if codes <= set(INTERRUPTED) or codes == {2}:
         return max(codes), None            # interrupted, or a user error: rank 0 reported it
-    primary = [f for f in failures if not f.secondary] or failures
     first = min(primary, key=lambda f: f.rank)
     how = (f"was killed by {first.signal_name}" if first.signal_name
            else f"failed with exit code {first.exitcode} (its error is printed above)")
@@ -83,8 +83,11 @@ def launch(args: list[str], nproc: int, resume: Callable[[], str | None] = lambd
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    # torch's own failure report (a table and a traceback) would repeat what we say
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    # torch's own failure report (a table and a traceback) would repeat what we say; its
+    # loggers set their own levels, so each is quietened
+    for name in [*logging.root.manager.loggerDict, "torch.distributed.elastic"]:
+        if name.startswith(("torch.distributed.elastic", "torch.distributed.launcher")):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     os.environ.setdefault("OMP_NUM_THREADS", str(worker_threads(nproc)))
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,

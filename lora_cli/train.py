@@ -320,8 +320,9 @@ def train(cfg: Config, *, reporter: Reporter | None = None, overwrite: bool = Fa
             ckpt.set_rng_state(restored.rng[world.rank])
         else:
             torch.manual_seed(cfg.seed + world.rank + 7919 * loop.step)
-            notes.append(f"the checkpoint holds the random state of {len(restored.rng)} worker(s), not "
-                         f"{world.size}: dropout masks from here on differ from an uninterrupted run")
+            if cfg.lora.dropout > 0:
+                notes.append(f"the checkpoint holds the random state of {len(restored.rng)} worker(s), not "
+                             f"{world.size}: dropout masks from here on differ from an uninterrupted run")
         world.on_main(lambda: ckpt.trim_metrics(out / "metrics.jsonl", loop.step))
         notes.insert(0, f"resuming from {restored.path} (step {loop.step})")
     p.built.notes.extend(notes)

@@ -139,6 +139,7 @@ def test_a_crashed_worker_is_named_over_those_the_launcher_stopped():
 def test_user_errors_and_interrupts_are_reported_by_rank_0_alone():
     assert explain([Failure(0, 2), Failure(1, 2)], 2) == (2, None)
     assert explain([Failure(0, 130), Failure(1, 130)], 2) == (130, None)
+    assert explain([Failure(0, 2), Failure(1, -signal.SIGTERM), Failure(2, -signal.SIGTERM)], 3) == (2, None)
 
 
 def test_one_process_makes_no_collective_calls():
