@@ -81,6 +81,25 @@ def test_evaluation_sums_over_workers_equal_the_whole_set():
     assert a.result() == pytest.approx(whole.result())
 
 
+def test_fsdp_units_are_the_blocks_and_tied_weights_stay_in_the_root():
+    from torch import nn
+
+    from lora_cli.models.gpt import GPT
+
+    model = GPT(n_layer=3, n_head=2, d_model=16, max_seq_len=8, tie_embeddings=True)
+    assert dist._shard_units(model) == list(model.layers)
+
+    class Shared(nn.Module):                       # block 0 uses the embedding's weight
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(5, 4)
+            self.blocks = nn.ModuleList([nn.Linear(5, 4), nn.Linear(4, 4)])
+            self.blocks[0].weight = self.embed.weight
+
+    shared = Shared()
+    assert dist._shard_units(shared) == [shared.blocks[1]]
+
+
 # --- resuming on another number of workers --------------------------------------------------
 
 def _cfg(**train):
@@ -210,6 +229,17 @@ def test_two_workers_train_the_adapter_one_process_trains_with_the_same_global_b
     assert "rank 1" not in run.stdout + run.stderr                    # the other rank stays quiet
     steps = sorted(int(p.name.split("_")[1]) for p in (project / strategy / "checkpoints").iterdir())
     assert steps == [2, 4, 6]                                         # written once, by rank 0
+
+
+@pytest.mark.slow
+def test_a_user_error_found_by_the_workers_is_reported_once_with_exit_code_2(project):
+    (project / "taken").mkdir(exist_ok=True)
+    (project / "taken" / "notes.txt").write_text("mine")
+    run = lora_train(project, "output_dir=taken", "--nproc-per-node", "2")
+    assert run.returncode == 2
+    assert run.stderr.count("output_dir already exists and is not empty") == 1
+    assert "worker rank" not in run.stderr and "Traceback" not in run.stderr
+    assert sorted(p.name for p in (project / "taken").iterdir()) == ["notes.txt"]
 
 
 @pytest.mark.slow

@@ -207,3 +207,27 @@ def test_missing_model_directory_is_a_clear_error(hub: Path, tmp_path: Path):
     result = invoke("train", config)
     assert result.exit_code == 2
     assert "model.hf: directory not found" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.slow
+def test_fsdp_shards_a_hugging_face_model_and_trains_the_one_process_adapter(hub: Path):
+    """Llama's decoder layers become FSDP units (the rest, embeddings and head, the root):
+    2 workers x batch 4 train what one process with batch 4 x grad_accum 2 trains."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    lora = {"dropout": 0.0}
+    single = write_config(hub, "fsdp-ref", lora=lora, train={"batch_size": 4, "grad_accum": 2, "max_steps": 4})
+    assert invoke("train", single, "--overwrite").exit_code == 0
+    sharded = write_config(hub, "fsdp-2", lora=lora, train={"batch_size": 4, "grad_accum": 1, "max_steps": 4,
+                                                           "strategy": "fsdp"})
+    run = subprocess.run([sys.executable, "-m", "lora_cli", "train", str(sharded), "--overwrite",
+                          "--nproc-per-node", "2"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    ours, reference = (load_file(hub / "runs" / n / "adapter" / "adapter_model.safetensors")
+                       for n in ("fsdp-2", "fsdp-ref"))
+    assert ours.keys() == reference.keys()
+    for key in ours:
+        torch.testing.assert_close(ours[key], reference[key], atol=ATOL, rtol=0, msg=key)
