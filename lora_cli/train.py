@@ -287,188 +287,228 @@ def train(cfg: Config, *, reporter: Reporter | None = None, overwrite: bool = Fa
         return p, notes
 
     p, notes = world.on_all(setup)
-    cfg, t = p.cfg, p.cfg.train
-    model, data = p.built.model, p.built.data
     restored = world.on_main(lambda: ckpt.read_checkpoint(start[0])) if start else None
     if restored is None:
-        world.on_main(lambda: _start_output_dir(out, cfg, overwrite))
+        world.on_main(lambda: _start_output_dir(out, p.cfg, overwrite))
     else:
-        world.on_all(lambda: load_adapter_weights(model, restored.adapter))
-    metadata = adapter_metadata(cfg, p.built)
-    saved_adapter_config = adapter_config(model, metadata=metadata, **peft_fields(cfg))
-    keys = adapter_keys(model)                      # adapter key -> model state-dict key
-    saved_config = config_to_dict(cfg)
-    grad_bytes = dist.gradient_bytes(model, world)
-
-    engine = dist.wrap(model, world, p.device)      # what the step calls: model, DDP(model) or sharded model
-    params = [q for q in engine.parameters() if q.requires_grad]
-    optimizer = make_optimizer(cfg, params)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total=p.total_steps, warmup=t.warmup_steps, kind=t.scheduler))
-    autocast = autocast_for(p.device, cfg.dtype)
-    scaler = torch.amp.GradScaler(p.device.type, enabled=cfg.dtype == "float16" and p.device.type == "cuda")
-    pad = data.tokenizer.pad_id if data.tokenizer is not None else None
-
-    torch.manual_seed(cfg.seed + world.rank)        # dropout masks differ between workers
-    loop = ckpt.LoopState()
+        world.on_all(lambda: load_adapter_weights(p.built.model, restored.adapter))
+    run = _Run(p, out, reporter)
     if restored is not None:
-        optimizer.load_state_dict(dist.shard_optimizer_state(optimizer, restored.state["optimizer"]))
-        schedule.load_state_dict(restored.state["schedule"])
-        scaler.load_state_dict(restored.state["scaler"])
-        loop = restored.loop
-        if len(restored.rng) == world.size:
-            ckpt.set_rng_state(restored.rng[world.rank])
-        else:
-            torch.manual_seed(cfg.seed + world.rank + 7919 * loop.step)
-            if cfg.lora.dropout > 0:
-                notes.append(f"the checkpoint holds the random state of {len(restored.rng)} worker(s), not "
-                             f"{world.size}: dropout masks from here on differ from an uninterrupted run")
-        world.on_main(lambda: ckpt.trim_metrics(out / "metrics.jsonl", loop.step))
-        notes.insert(0, f"resuming from {restored.path} (step {loop.step})")
+        notes = [f"resuming from {restored.path} (step {restored.loop.step})", *notes, *run.restore(restored)]
     p.built.notes.extend(notes)
-
-    def log_row(row: dict) -> None:
-        if log is not None:
-            log.write(json.dumps(row) + "\n")
-            log.flush()
-
-    def run_eval() -> dict:
-        # ddp: each worker evaluates its share and the sums are added up; fsdp: every
-        # worker runs every batch, since each forward needs all workers' shards.
-        sharded = world.distributed and world.strategy == "ddp"
-        order = torch.arange(len(data.eval))
-        mine = dist.shard(order, world, pad=False) if sharded else order
-        metrics = evaluate(dist.inner(engine), batches(data.eval, mine, t.batch_size, pad), cfg.task,
-                           num_classes=data.num_classes, device=p.device, autocast=autocast,
-                           total=world.sum_tensor if sharded else None)
-        row = {"step": loop.step, "epoch": round(loop.step / p.steps_per_epoch, 4),
-               **{f"eval_{k}": v for k, v in metrics.items() if k not in ("confusion", "n")}}
-        log_row(row)
-        reporter.evaluated(row)
-        loop.last_eval_step = loop.step
-        return metrics
-
-    def adapter_now() -> dict[str, torch.Tensor]:
-        tensors = dist.full_tensors(engine, keys.values())      # every worker takes part
-        return {k: tensors[n] for k, n in keys.items()}
-
-    def checkpoint() -> Path:
-        tensors = adapter_now()
-        state = {"optimizer": dist.full_optimizer_state(optimizer), "schedule": schedule.state_dict(),
-                 "scaler": scaler.state_dict(), "rng": world.gather(ckpt.rng_state()), "loop": dict(loop.__dict__)}
-        return world.on_main(lambda: ckpt.save_checkpoint(
-            out, step=loop.step, epoch=loop.epoch, adapter_config=saved_adapter_config, adapter_tensors=tensors,
-            state=state, config=saved_config, workers=world.size, keep_last=t.keep_last))
-
-    started = time.perf_counter()
-    window_start = time.perf_counter()
-    engine.train()
-    log = open(out / "metrics.jsonl", "a") if world.is_main else None
     try:
         with _stop_on_signals() as received:
-            reporter.start(p)
-            if data.eval is not None and loop.step == 0:
-                loop.eval_base = loop.eval_final = run_eval()
-            while loop.step < p.total_steps:
-                order = datalib.epoch_order(len(data.train), seed=cfg.seed, epoch=loop.epoch)
-                left = order[loop.step_in_epoch * p.global_batch:]       # what this epoch has not seen yet
-                micro = batches(data.train, dist.shard(left, world), t.batch_size, pad)
-                while loop.step < p.total_steps:
-                    group = [b for _, b in zip(range(t.grad_accum), micro)]
-                    n_items = max(1.0, world.sum([sum(loss_items(cfg.task, y) for _, y in group)])[0])
-                    loss_sum, items = 0.0, 0
-                    for i, (inputs, target) in enumerate(group):
-                        inputs, target = inputs.to(p.device), target.to(p.device)
-                        with dist.gradient_sync(engine, world, enabled=i == len(group) - 1):
-                            with autocast():
-                                output = forward(engine, inputs)
-                                loss = loss_fn(cfg.task, output, target, reduction="sum") * (world.size / n_items)
-                            scaler.scale(loss).backward()
-                        loss_sum += float(loss.detach()) / world.size
-                        items += inputs.numel() if p.unit == "tokens" else inputs.shape[0]
-                    scaler.unscale_(optimizer)
-                    grad_norm = dist.grad_norm(torch.nn.utils.clip_grad_norm_(params, t.clip_grad_norm or float("inf")))
-                    loss_sum, items, stopping = world.sum([loss_sum, items, float(bool(received))])
-                    loop.window_items += int(items)
-                    finite = math.isfinite(loss_sum) and (scaler.is_enabled() or math.isfinite(grad_norm))
-                    if not finite and t.on_nan == "stop":
-                        last = ckpt.checkpoints(out) if world.is_main else []
-                        kept = f"; the last good checkpoint is {last[-1].path}" if last else ""
-                        raise TrainingError(
-                            f"the {'loss' if not math.isfinite(loss_sum) else 'gradient norm'} became non-finite "
-                            f"at step {loop.step + 1}{kept}", where="train",
-                            fix="lower train.lr, set train.clip_grad_norm, use dtype: float32, "
-                                "or train.on_nan: skip to skip such steps")
-                    if finite:
-                        scaler.step(optimizer)
-                        loop.window_loss += loss_sum
-                    else:
-                        loop.skipped += 1
-                    scaler.update()
-                    schedule.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    loop.step += 1
-                    loop.step_in_epoch += 1
-                    row = None
-                    if loop.step % t.log_every == 0 or loop.step == p.total_steps:
-                        elapsed = time.perf_counter() - window_start
-                        n_steps = (loop.step - 1) % t.log_every + 1
-                        loop.last_loss = loop.window_loss / n_steps
-                        row = {"step": loop.step, "epoch": round(loop.step / p.steps_per_epoch, 4),
-                               "loss": loop.last_loss, "lr": schedule.get_last_lr()[0], "grad_norm": grad_norm,
-                               f"{p.unit}_per_s": loop.window_items / elapsed if elapsed > 0 else None}
-                        if loop.skipped:
-                            row["skipped_steps"] = loop.skipped
-                        log_row(row)
-                        loop.window_loss, loop.window_items, window_start = 0.0, 0, time.perf_counter()
-                    reporter.step(loop.step, loop.epoch, row)
-                    if data.eval is not None and t.eval_every and loop.step % t.eval_every == 0:
-                        loop.eval_final = run_eval()
-                    epoch_done = loop.step_in_epoch == p.steps_per_epoch
-                    if epoch_done:
-                        loop.epoch, loop.step_in_epoch = loop.epoch + 1, 0
-                        if data.eval is not None and not t.eval_every:
-                            loop.eval_final = run_eval()
-                    saved_at = checkpoint() if t.save_every and loop.step % t.save_every == 0 else None
-                    if stopping:
-                        reporter.finish()
-                        signum = received[0] if received else signal.SIGTERM
-                        raise Interrupted(signum, loop.step, saved_at or checkpoint())
-                    if epoch_done:
-                        break
-            if data.eval is not None and loop.last_eval_step != loop.step:
-                loop.eval_final = run_eval()
-            reporter.finish()
-        shared_dropout.clear()   # it holds the last dropped activation
-        seconds = time.perf_counter() - started
-        tensors = adapter_now()
-        adapter_dir, adapter_bytes = world.on_main(lambda: _write_adapter(out, saved_adapter_config, tensors))
+            seconds = run.loop_over_data(received)
+        adapter_dir, adapter_bytes = run.save_adapter()
     except Exception as exc:
         if world.distributed and dist.is_peer_failure(exc):
             raise dist.PeerFailed(world.rank, exc) from None
         raise
     finally:
-        if log is not None:
-            log.close()
-
+        run.close()
     if not world.distributed:
-        model.to("cpu")
-    base = cfg.model.base or cfg.model.hf
+        p.built.model.to("cpu")
+    loop, base = run.loop, p.cfg.model.base or p.cfg.model.hf
     return TrainResult(output_dir=out, adapter_dir=adapter_dir, steps=loop.step,
                        epochs=loop.step / p.steps_per_epoch, seconds=seconds, train_loss=loop.last_loss,
                        eval_base=loop.eval_base, eval_final=loop.eval_final, summary=p.summary,
                        adapter_bytes=adapter_bytes, base_bytes=_size_on_disk(base) if base else None,
-                       notes=p.built.notes, world=world, global_batch=p.global_batch, gradient_bytes=grad_bytes)
+                       notes=p.built.notes, world=world, global_batch=p.global_batch,
+                       gradient_bytes=run.gradient_bytes)
+
+
+class _Run:
+    """One run on this worker: the model as a step calls it (itself, DDP over it, or
+    sharded in place), optimizer, schedule, scaler, the loop position, and the files
+    rank 0 writes (metrics.jsonl, checkpoints, the adapter)."""
+
+    def __init__(self, p: Plan, out: Path, reporter: Reporter):
+        cfg, t, world, model = p.cfg, p.cfg.train, p.world, p.built.model
+        self.p, self.cfg, self.t, self.world, self.out, self.reporter = p, cfg, t, world, out, reporter
+        self.data = p.built.data
+        # what adapter files hold, worked out on the whole model before any sharding
+        self.adapter_config = adapter_config(model, metadata=adapter_metadata(cfg, p.built), **peft_fields(cfg))
+        self.keys = adapter_keys(model)                     # adapter key -> model state-dict key
+        self.saved_config = config_to_dict(cfg)
+        self.gradient_bytes = dist.gradient_bytes(model, world)
+        self.engine = dist.wrap(model, world, p.device)
+        self.params = [q for q in self.engine.parameters() if q.requires_grad]
+        self.optimizer = make_optimizer(cfg, self.params)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, total=p.total_steps, warmup=t.warmup_steps, kind=t.scheduler))
+        self.autocast = autocast_for(p.device, cfg.dtype)
+        self.scaler = torch.amp.GradScaler(p.device.type, enabled=cfg.dtype == "float16" and p.device.type == "cuda")
+        self.pad = self.data.tokenizer.pad_id if self.data.tokenizer is not None else None
+        self.loop = ckpt.LoopState()
+        self.log = None                                     # metrics.jsonl, opened when the loop starts
+        torch.manual_seed(cfg.seed + world.rank)            # dropout masks differ between workers
+
+    def restore(self, restored: ckpt.Restored) -> list[str]:
+        """Continue from a checkpoint (its adapter is already in the model); notes."""
+        notes = []
+        self.optimizer.load_state_dict(dist.shard_optimizer_state(self.optimizer, restored.state["optimizer"]))
+        self.schedule.load_state_dict(restored.state["schedule"])
+        self.scaler.load_state_dict(restored.state["scaler"])
+        self.loop = restored.loop
+        if len(restored.rng) == self.world.size:
+            ckpt.set_rng_state(restored.rng[self.world.rank])
+        else:
+            torch.manual_seed(self.cfg.seed + self.world.rank + 7919 * self.loop.step)
+            if self.cfg.lora.dropout > 0:
+                notes.append(f"the checkpoint holds the random state of {len(restored.rng)} worker(s), not "
+                             f"{self.world.size}: dropout masks from here on differ from an uninterrupted run")
+        self.world.on_main(lambda: ckpt.trim_metrics(self.out / "metrics.jsonl", self.loop.step))
+        return notes
+
+    def loop_over_data(self, received: list[int]) -> float:
+        """Train to the last step; return the seconds it took. Raises Interrupted when a
+        signal arrived on any worker (after checkpointing), TrainingError on a non-finite loss."""
+        p, t, loop, data = self.p, self.t, self.loop, self.data
+        if self.world.is_main:
+            self.log = open(self.out / "metrics.jsonl", "a")    # noqa: SIM115 (closed by close())
+        started = window_start = time.perf_counter()
+        self.engine.train()
+        self.reporter.start(p)
+        if data.eval is not None and loop.step == 0:
+            loop.eval_base = loop.eval_final = self.evaluate()
+        while loop.step < p.total_steps:
+            order = datalib.epoch_order(len(data.train), seed=self.cfg.seed, epoch=loop.epoch)
+            left = order[loop.step_in_epoch * p.global_batch:]       # what this epoch has not seen yet
+            micro = batches(data.train, dist.shard(left, self.world), t.batch_size, self.pad)
+            while loop.step < p.total_steps:
+                group = [b for _, b in zip(range(t.grad_accum), micro)]
+                items, grad_norm, stopping = self.step(group, received)
+                loop.window_items += items
+                loop.step += 1
+                loop.step_in_epoch += 1
+                row = None
+                if loop.step % t.log_every == 0 or loop.step == p.total_steps:
+                    elapsed = time.perf_counter() - window_start
+                    loop.last_loss = loop.window_loss / ((loop.step - 1) % t.log_every + 1)
+                    row = {"step": loop.step, "epoch": round(loop.step / p.steps_per_epoch, 4),
+                           "loss": loop.last_loss, "lr": self.schedule.get_last_lr()[0], "grad_norm": grad_norm,
+                           f"{p.unit}_per_s": loop.window_items / elapsed if elapsed > 0 else None}
+                    if loop.skipped:
+                        row["skipped_steps"] = loop.skipped
+                    self.write_row(row)
+                    loop.window_loss, loop.window_items, window_start = 0.0, 0, time.perf_counter()
+                self.reporter.step(loop.step, loop.epoch, row)
+                if data.eval is not None and t.eval_every and loop.step % t.eval_every == 0:
+                    loop.eval_final = self.evaluate()
+                epoch_done = loop.step_in_epoch == p.steps_per_epoch
+                if epoch_done:
+                    loop.epoch, loop.step_in_epoch = loop.epoch + 1, 0
+                    if data.eval is not None and not t.eval_every:
+                        loop.eval_final = self.evaluate()
+                saved_at = self.checkpoint() if t.save_every and loop.step % t.save_every == 0 else None
+                if stopping:
+                    self.reporter.finish()
+                    raise Interrupted(received[0] if received else signal.SIGTERM, loop.step,
+                                      saved_at or self.checkpoint())
+                if epoch_done:
+                    break
+        if data.eval is not None and loop.last_eval_step != loop.step:
+            loop.eval_final = self.evaluate()
+        self.reporter.finish()
+        shared_dropout.clear()   # it holds the last dropped activation
+        return time.perf_counter() - started
+
+    def step(self, group: list[tuple[torch.Tensor, torch.Tensor]], received: list[int]) -> tuple[int, float, bool]:
+        """One optimizer step over ``group``'s micro-batches (this worker's share); its
+        mean loss over all workers goes to the loop's window.
+
+        Returns the step's items (rows or tokens) over all workers, the gradient norm
+        before clipping, and whether any worker received a stop signal.
+        """
+        cfg, t, world, scaler = self.cfg, self.t, self.world, self.scaler
+        n_items = max(1.0, world.sum([sum(loss_items(cfg.task, y) for _, y in group)])[0])
+        loss_sum, items = 0.0, 0
+        for i, (inputs, target) in enumerate(group):
+            inputs, target = inputs.to(self.p.device), target.to(self.p.device)
+            with dist.gradient_sync(self.engine, world, enabled=i == len(group) - 1):
+                with self.autocast():
+                    output = forward(self.engine, inputs)
+                    loss = loss_fn(cfg.task, output, target, reduction="sum") * (world.size / n_items)
+                scaler.scale(loss).backward()
+            loss_sum += float(loss.detach()) / world.size
+            items += inputs.numel() if self.p.unit == "tokens" else inputs.shape[0]
+        scaler.unscale_(self.optimizer)
+        grad_norm = dist.grad_norm(torch.nn.utils.clip_grad_norm_(self.params, t.clip_grad_norm or float("inf")))
+        loss_sum, items, stopping = world.sum([loss_sum, items, float(bool(received))])
+        finite = math.isfinite(loss_sum) and (scaler.is_enabled() or math.isfinite(grad_norm))
+        if not finite and t.on_nan == "stop":
+            last = ckpt.checkpoints(self.out) if world.is_main else []
+            kept = f"; the last good checkpoint is {last[-1].path}" if last else ""
+            raise TrainingError(
+                f"the {'loss' if not math.isfinite(loss_sum) else 'gradient norm'} became non-finite "
+                f"at step {self.loop.step + 1}{kept}", where="train",
+                fix="lower train.lr, set train.clip_grad_norm, use dtype: float32, "
+                    "or train.on_nan: skip to skip such steps")
+        if finite:
+            scaler.step(self.optimizer)
+            self.loop.window_loss += loss_sum
+        else:
+            self.loop.skipped += 1
+        scaler.update()
+        self.schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return int(items), grad_norm, stopping > 0
+
+    def evaluate(self) -> dict:
+        """Held-out metrics. ddp: each worker evaluates its share and the sums are added
+        up; fsdp: every worker runs every batch, since each forward needs all shards."""
+        world, data, loop = self.world, self.data, self.loop
+        sharded = world.distributed and world.strategy == "ddp"
+        order = torch.arange(len(data.eval))
+        mine = dist.shard(order, world, pad=False) if sharded else order
+        metrics = evaluate(dist.inner(self.engine), batches(data.eval, mine, self.t.batch_size, self.pad),
+                           self.cfg.task, num_classes=data.num_classes, device=self.p.device,
+                           autocast=self.autocast, total=world.sum_tensor if sharded else None)
+        row = {"step": loop.step, "epoch": round(loop.step / self.p.steps_per_epoch, 4),
+               **{f"eval_{k}": v for k, v in metrics.items() if k not in ("confusion", "n")}}
+        self.write_row(row)
+        self.reporter.evaluated(row)
+        loop.last_eval_step = loop.step
+        return metrics
+
+    def write_row(self, row: dict) -> None:
+        if self.log is not None:
+            self.log.write(json.dumps(row) + "\n")
+            self.log.flush()
+
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        """The adapter's tensors whole, under their file keys (every worker takes part)."""
+        tensors = dist.full_tensors(self.engine, self.keys.values())
+        return {k: tensors[n] for k, n in self.keys.items()}
+
+    def checkpoint(self) -> Path:
+        tensors = self.adapter_tensors()
+        state = {"optimizer": dist.full_optimizer_state(self.optimizer), "schedule": self.schedule.state_dict(),
+                 "scaler": self.scaler.state_dict(), "rng": self.world.gather(ckpt.rng_state()),
+                 "loop": dict(self.loop.__dict__)}
+        return self.world.on_main(lambda: ckpt.save_checkpoint(
+            self.out, step=self.loop.step, epoch=self.loop.epoch, adapter_config=self.adapter_config,
+            adapter_tensors=tensors, state=state, config=self.saved_config, workers=self.world.size,
+            keep_last=self.t.keep_last))
+
+    def save_adapter(self) -> tuple[Path, int]:
+        """Write output_dir/adapter; its path and size in bytes."""
+        tensors = self.adapter_tensors()
+
+        def write() -> tuple[Path, int]:
+            adapter_dir = write_adapter(self.out / "adapter", self.adapter_config, tensors)
+            return adapter_dir, (adapter_dir / WEIGHTS_NAME).stat().st_size
+
+        return self.world.on_main(write)
+
+    def close(self) -> None:
+        if self.log is not None:
+            self.log.close()
 
 
 def _start_output_dir(out: Path, cfg: Config, overwrite: bool) -> None:
     prepare_output_dir(out, overwrite)
     write_atomic(out / "config.yaml", lambda f: f.write(dump_config(cfg).encode()))
-
-
-def _write_adapter(out: Path, config: dict, tensors: dict[str, torch.Tensor]) -> tuple[Path, int]:
-    adapter_dir = write_adapter(out / "adapter", config, tensors)
-    return adapter_dir, (adapter_dir / WEIGHTS_NAME).stat().st_size
 
 
 def _size_on_disk(path: str) -> int:
