@@ -133,8 +133,8 @@ def _train_worker(cfg, config: Path, overrides, **kwargs) -> None:
     try:
         _train_here(cfg, config, overrides, world=world, **kwargs)
         ok = True
-    except dist.FollowerStop:
-        raise typer.Exit(2) from None
+    except dist.FollowerStop as stop:
+        raise typer.Exit(stop.exit_code) from None
     except dist.PeerFailed as exc:
         err.print(str(exc), markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(dist.PEER_FAILED) from None

@@ -45,9 +45,12 @@ PEER_FAILED = 3
 
 
 class FollowerStop(Exception):
-    """A non-zero rank stops because rank 0 reported a user error (rank 0 prints it)."""
+    """A non-zero rank stops because rank 0 failed, and reports it: with exit code 2
+    after a user error, else PEER_FAILED."""
 
-    exit_code = 2
+    def __init__(self, user_error: bool = True):
+        super().__init__("rank 0 stopped the run")
+        self.exit_code = 2 if user_error else PEER_FAILED
 
 
 class PeerFailed(Exception):
@@ -124,14 +127,14 @@ class World:
         if self.is_main:
             try:
                 result = fn()
-            except BaseException:
-                self.broadcast((None, True))
+            except BaseException as exc:
+                self.broadcast((None, "user" if isinstance(exc, UserError) else "other"))
                 raise
-            self.broadcast((result, False))
+            self.broadcast((result, None))
             return result
-        result, failed = self.broadcast(None)
-        if failed:
-            raise FollowerStop()
+        result, failure = self.broadcast(None)
+        if failure:
+            raise FollowerStop(user_error=failure == "user")
         return result
 
     def on_all(self, fn: Callable[[], T]) -> T:
@@ -300,17 +303,16 @@ def _fully_shard(model: nn.Module, device: torch.device) -> None:
 
 @contextlib.contextmanager
 def gradient_sync(model: nn.Module, world: World, enabled: bool):
-    """Skip the gradient exchange for all but the last micro-batch of an optimizer step."""
-    if not world.distributed or enabled:
-        if world.strategy == "fsdp" and world.distributed:
-            model.set_requires_gradient_sync(True)
+    """Exchange gradients in this backward pass only if ``enabled`` (the last
+    micro-batch of an optimizer step); earlier ones just accumulate locally."""
+    if world.distributed and world.strategy == "fsdp":
+        model.set_requires_gradient_sync(enabled)
         yield
-    elif world.strategy == "fsdp":
-        model.set_requires_gradient_sync(False)
-        yield
-    else:
+    elif world.distributed and not enabled:
         with model.no_sync():
             yield
+    else:
+        yield
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
@@ -344,10 +346,19 @@ def shard_optimizer_state(optimizer: torch.optim.Optimizer, sd: dict) -> dict:
         state[i] = {}
         for k, v in s.items():
             if mesh is not None and isinstance(v, torch.Tensor) and v.shape == p.shape:
-                from torch.distributed.tensor import distribute_tensor
-                v = distribute_tensor(v.to(p.device), mesh, p.placements, src_data_rank=None)
+                v = _distribute(v.to(p.device), mesh, p.placements)
             state[i][k] = v
     return {**sd, "state": state}
+
+
+def _distribute(full_tensor: torch.Tensor, mesh, placements):
+    """This rank's shard of a tensor every rank holds whole (no communication where the
+    torch version can skip it)."""
+    from torch.distributed.tensor import distribute_tensor
+    try:
+        return distribute_tensor(full_tensor, mesh, placements, src_data_rank=None)
+    except TypeError:                       # older torch: scatters rank 0's copy instead
+        return distribute_tensor(full_tensor, mesh, placements)
 
 
 def grad_norm(norm: torch.Tensor) -> float:
