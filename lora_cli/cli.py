@@ -30,8 +30,7 @@ Examples:
 
   lora-train configs/quickstart.yaml --nproc-per-node 2 train.strategy=fsdp
 
-  torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
-      -m lora_cli train configs/quickstart.yaml
+  torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 -m lora_cli train configs/quickstart.yaml
 """
 
 
