@@ -179,8 +179,11 @@ def show_train_result(result) -> None:
     table.add_row("adapter", f"{result.adapter_dir} ({_size(result.adapter_bytes)}; base {_size(result.base_bytes)})")
     table.add_row("steps", f"{result.steps} ({result.epochs:.2f} epochs) in {result.seconds:.1f} s")
     if result.world.distributed:
-        table.add_row("workers", f"{result.world.size} ({result.world.strategy}), global batch {result.global_batch}; "
-                      f"{_size(result.gradient_bytes)} of adapter gradients exchanged per step")
+        traffic = f"{_size(result.gradient_bytes)} of adapter gradients per step"
+        if result.world.strategy == "fsdp":
+            traffic += f", and the {_size(result.weight_bytes)} of sharded weights gathered in forward and backward"
+        table.add_row("workers", f"{result.world.size} ({result.world.strategy}), global batch "
+                      f"{result.global_batch}; each exchanges {traffic}")
     table.add_row("final train loss", _num(result.train_loss))
     if result.eval_final is not None:
         base, final = result.eval_base["loss"], result.eval_final["loss"]

@@ -366,6 +366,11 @@ def grad_norm(norm: torch.Tensor) -> float:
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of all the model's parameters (what fsdp gathers, about twice per step)."""
+    return sum(p.numel() * p.element_size() for p in inner(model).parameters())
+
+
 def gradient_bytes(model: nn.Module, world: World) -> int:
     """Bytes of gradient each worker sends into the exchange per optimizer step: all
     trainable parameters' gradients, once (0 on one worker)."""

@@ -103,6 +103,7 @@ class TrainResult:
     world: World = SINGLE
     global_batch: int = 0
     gradient_bytes: int = 0     # per worker and optimizer step, sent into the gradient exchange
+    weight_bytes: int = 0       # the model's parameters (fsdp gathers them in each forward and backward)
 
 
 def global_batch(cfg: Config, workers: int) -> int:
@@ -314,7 +315,7 @@ def train(cfg: Config, *, reporter: Reporter | None = None, overwrite: bool = Fa
                        eval_base=loop.eval_base, eval_final=loop.eval_final, summary=p.summary,
                        adapter_bytes=adapter_bytes, base_bytes=_size_on_disk(base) if base else None,
                        notes=p.built.notes, world=world, global_batch=p.global_batch,
-                       gradient_bytes=run.gradient_bytes)
+                       gradient_bytes=run.gradient_bytes, weight_bytes=run.weight_bytes)
 
 
 class _Run:
@@ -331,6 +332,7 @@ class _Run:
         self.keys = adapter_keys(model)                     # adapter key -> model state-dict key
         self.saved_config = config_to_dict(cfg)
         self.gradient_bytes = dist.gradient_bytes(model, world)
+        self.weight_bytes = dist.weight_bytes(model)
         self.engine = dist.wrap(model, world, p.device)
         self.params = [q for q in self.engine.parameters() if q.requires_grad]
         self.optimizer = make_optimizer(cfg, self.params)
@@ -366,11 +368,12 @@ class _Run:
         p, t, loop, data = self.p, self.t, self.loop, self.data
         if self.world.is_main:
             self.log = open(self.out / "metrics.jsonl", "a")    # noqa: SIM115 (closed by close())
-        started = window_start = time.perf_counter()
+        started = time.perf_counter()
         self.engine.train()
         self.reporter.start(p)
         if data.eval is not None and loop.step == 0:
             loop.eval_base = loop.eval_final = self.evaluate()
+        window_start = time.perf_counter()     # the logged rates count training steps only
         while loop.step < p.total_steps:
             order = datalib.epoch_order(len(data.train), seed=self.cfg.seed, epoch=loop.epoch)
             left = order[loop.step_in_epoch * p.global_batch:]       # what this epoch has not seen yet
@@ -393,6 +396,7 @@ class _Run:
                     self.write_row(row)
                     loop.window_loss, loop.window_items, window_start = 0.0, 0, time.perf_counter()
                 self.reporter.step(loop.step, loop.epoch, row)
+                aside = time.perf_counter()
                 if data.eval is not None and t.eval_every and loop.step % t.eval_every == 0:
                     loop.eval_final = self.evaluate()
                 epoch_done = loop.step_in_epoch == p.steps_per_epoch
@@ -401,6 +405,7 @@ class _Run:
                     if data.eval is not None and not t.eval_every:
                         loop.eval_final = self.evaluate()
                 saved_at = self.checkpoint() if t.save_every and loop.step % t.save_every == 0 else None
+                window_start += time.perf_counter() - aside     # evaluation and checkpoints are not steps
                 if stopping:
                     self.reporter.finish()
                     raise Interrupted(received[0] if received else signal.SIGTERM, loop.step,
