@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_quick_run(tmp_path):
     out, md = tmp_path / "dist.json", tmp_path / "dist.md"
     done = subprocess.run([sys.executable, "bench/distributed.py", "--quick", "--out", str(out), "--markdown", str(md)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=180)
+                          check=False, cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert sum(line.startswith("| --- |") for line in md.read_text().splitlines()) == 2
     result = json.loads(out.read_text())
