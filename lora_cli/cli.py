@@ -128,6 +128,8 @@ def _train_worker(cfg, config: Path, overrides, **kwargs) -> None:
     from .pipeline import resolve_device
 
     world = dist.join(cfg.train.strategy, resolve_device(cfg.device))
+    if not world.is_main:
+        dist.quiet()
     ok = False
     try:
         _train_here(cfg, config, overrides, world=world, **kwargs)

@@ -209,6 +209,17 @@ def leave(ok: bool) -> None:
         dist.destroy_process_group()
 
 
+def quiet() -> None:
+    """Silence a non-zero rank's warnings and library logs: rank 0 says it once. Errors
+    still reach stderr."""
+    import logging
+    import warnings
+
+    warnings.simplefilter("ignore")
+    for name in ("transformers", "torch", "peft"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def worker_device(device: torch.device, world: World) -> torch.device:
     """Each worker on a machine takes its own GPU (cuda:LOCAL_RANK)."""
     if world.distributed and device.type == "cuda":
