@@ -241,15 +241,25 @@ def is_peer_failure(exc: BaseException) -> bool:
 
 # --- the data each rank reads ---------------------------------------------------------------
 
-def shard(order: torch.Tensor, world: World, *, pad: bool = True) -> torch.Tensor:
-    """This rank's part of ``order``: positions rank, rank+W, ... With ``pad`` the order is
-    first wrapped around to a multiple of W, so every rank gets the same count."""
-    if not world.distributed:
-        return order
-    if pad and len(order) % world.size:
-        extra = world.size - len(order) % world.size
-        order = torch.cat([order, order.repeat(extra // max(len(order), 1) + 1)[:extra]])
-    return order[world.rank::world.size]
+def shard(order: torch.Tensor, world: World) -> torch.Tensor:
+    """This rank's part of ``order``: positions rank, rank+W, rank+2W, ..."""
+    return order[world.rank::world.size] if world.distributed else order
+
+
+def epoch_share(order: torch.Tensor, world: World, done: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's examples of an epoch, after the first ``done`` positions of its
+    ``order``, and which of them count.
+
+    The epoch order is first padded to a multiple of W by repeating its first entries,
+    so that every rank runs the same number of micro-batches (each is a collective).
+    The padding is flagged False in the second tensor: it runs but its loss counts zero,
+    so the step's gradient is the one of the real examples alone.
+    """
+    n, size = len(order), world.size
+    extra = -n % size
+    padded = torch.cat([order, order.repeat(extra // max(n, 1) + 1)[:extra]]) if extra else order
+    keep = torch.arange(len(padded)) < n
+    return shard(padded[done:], world), shard(keep[done:], world)
 
 
 # --- wrapping the model ---------------------------------------------------------------------

@@ -32,19 +32,34 @@ def forward(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
 
 def loss_fn(task: str, output: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """The training loss of one batch: a scalar mean over its loss items (rows, or target
-    tokens), or with ``reduction="sum"`` their sum."""
+    tokens), or with ``reduction="sum"`` their sum. Targets marked by :func:`ignore_rows`
+    (NaN for regression, IGNORE otherwise) count for nothing."""
     if task == "regression":
-        pred = output.squeeze(-1) if output.dim() == 2 and output.shape[-1] == 1 else output
-        return F.mse_loss(pred.float(), target.float(), reduction=reduction)
+        pred = (output.squeeze(-1) if output.dim() == 2 and output.shape[-1] == 1 else output).float()
+        keep = ~torch.isnan(target)
+        err = torch.where(keep, pred - target.float().nan_to_num(), 0.0)     # no host sync
+        total = (err * err).sum()
+        return total if reduction == "sum" else total / keep.sum().clamp(min=1)
     if task == "classification":
-        return F.cross_entropy(output.float(), target, reduction=reduction)
+        return F.cross_entropy(output.float(), target, ignore_index=IGNORE, reduction=reduction)
     logits = output.float().reshape(-1, output.shape[-1])            # (B*T, V)
     return F.cross_entropy(logits, target.reshape(-1), ignore_index=IGNORE, reduction=reduction)
 
 
 def loss_items(task: str, target: torch.Tensor) -> int:
     """How many terms the batch's loss averages: target values, or target tokens."""
-    return int((target != IGNORE).sum()) if task == "causal_lm" else target.numel()
+    if task == "regression":
+        return int((~torch.isnan(target.float())).sum())
+    return int((target != IGNORE).sum())
+
+
+def ignore_rows(task: str, target: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``target`` (B, ...) with the rows where ``keep`` (B,) is False taken out of the loss."""
+    if bool(keep.all()):
+        return target
+    target = target.float().clone() if task == "regression" else target.clone()
+    target[~keep] = float("nan") if task == "regression" else IGNORE
+    return target
 
 
 class _Tally:

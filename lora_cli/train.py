@@ -1,12 +1,17 @@
-"""The training loop: one process, the trainable tensors only.
+"""The training loop over the trainable tensors, in one process or on several workers.
 
     for each optimizer step:
-        grad_accum micro-batches: loss = task loss / micro-batches, backward
+        N = loss items (rows, or target tokens) in the step's micro-batches, on all workers
+        grad_accum micro-batches: loss = summed task loss / N, backward
+            (with W workers: x W, as their gradients are averaged on the last micro-batch)
         clip the gradient norm, optimizer step, schedule step, zero grads (set to None)
 
-The data order of epoch e is a permutation that depends only on (seed, e). The loop
-reports through a :class:`Reporter` (the CLI draws the progress display) and writes
-``metrics.jsonl``; it never prints.
+so a step's gradient is that of the mean loss over all its items, however they are
+split into micro-batches and workers. The data order of epoch e is a permutation that
+depends only on (seed, e); with W workers each reads every W-th example of it (see
+:func:`lora_cli.distributed.epoch_share`), so a step sees batch_size x grad_accum x W
+examples either way. The loop reports through a :class:`Reporter` (the CLI draws the
+progress display) and writes ``metrics.jsonl``; it never prints. Only rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from .adapter import WEIGHTS_NAME, adapter_config, adapter_keys, load_adapter_we
 from .config import Config, config_to_dict, dump_config
 from .distributed import SINGLE, World
 from .errors import UserError
-from .evaluate import evaluate, forward, loss_fn, loss_items
+from .evaluate import evaluate, forward, ignore_rows, loss_fn, loss_items
 from .files import remove, write_atomic
 from .fused import shared_dropout
 from .inject import AdaptSummary, summarize
@@ -376,8 +381,8 @@ class _Run:
         window_start = time.perf_counter()     # the logged rates count training steps only
         while loop.step < p.total_steps:
             order = datalib.epoch_order(len(data.train), seed=self.cfg.seed, epoch=loop.epoch)
-            left = order[loop.step_in_epoch * p.global_batch:]       # what this epoch has not seen yet
-            micro = batches(data.train, dist.shard(left, self.world), t.batch_size, self.pad)
+            mine, keep = dist.epoch_share(order, self.world, done=loop.step_in_epoch * p.global_batch)
+            micro = zip(batches(data.train, mine, t.batch_size, self.pad), keep.split(t.batch_size))
             while loop.step < p.total_steps:
                 group = [b for _, b in zip(range(t.grad_accum), micro)]
                 items, grad_norm, stopping = self.step(group, received)
@@ -418,17 +423,20 @@ class _Run:
         shared_dropout.clear()   # it holds the last dropped activation
         return time.perf_counter() - started
 
-    def step(self, group: list[tuple[torch.Tensor, torch.Tensor]], received: list[int]) -> tuple[int, float, bool]:
-        """One optimizer step over ``group``'s micro-batches (this worker's share); its
-        mean loss over all workers goes to the loop's window.
+    def step(self, group: list[tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]], received: list[int]
+             ) -> tuple[int, float, bool]:
+        """One optimizer step over ``group``'s micro-batches (this worker's share: each a
+        batch and which of its rows count); its mean loss over all workers goes to the
+        loop's window.
 
         Returns the step's items (rows or tokens) over all workers, the gradient norm
         before clipping, and whether any worker received a stop signal.
         """
         cfg, t, world, scaler = self.cfg, self.t, self.world, self.scaler
-        n_items = max(1.0, world.sum([sum(loss_items(cfg.task, y) for _, y in group)])[0])
+        group = [(x, ignore_rows(cfg.task, y, keep), keep) for (x, y), keep in group]
+        n_items = max(1.0, world.sum([sum(loss_items(cfg.task, y) for _, y, _ in group)])[0])
         loss_sum, items = 0.0, 0
-        for i, (inputs, target) in enumerate(group):
+        for i, (inputs, target, keep) in enumerate(group):
             inputs, target = inputs.to(self.p.device), target.to(self.p.device)
             with dist.gradient_sync(self.engine, world, enabled=i == len(group) - 1):
                 with self.autocast():
@@ -436,7 +444,7 @@ class _Run:
                     loss = loss_fn(cfg.task, output, target, reduction="sum") * (world.size / n_items)
                 scaler.scale(loss).backward()
             loss_sum += float(loss.detach()) / world.size
-            items += inputs.numel() if self.p.unit == "tokens" else inputs.shape[0]
+            items += inputs[keep].numel() if self.p.unit == "tokens" else int(keep.sum())
         scaler.unscale_(self.optimizer)
         grad_norm = dist.grad_norm(torch.nn.utils.clip_grad_norm_(self.params, t.clip_grad_norm or float("inf")))
         loss_sum, items, stopping = world.sum([loss_sum, items, float(bool(received))])
@@ -465,7 +473,7 @@ class _Run:
         world, data, loop = self.world, self.data, self.loop
         sharded = world.distributed and world.strategy == "ddp"
         order = torch.arange(len(data.eval))
-        mine = dist.shard(order, world, pad=False) if sharded else order
+        mine = dist.shard(order, world) if sharded else order
         metrics = evaluate(dist.inner(self.engine), batches(data.eval, mine, self.t.batch_size, self.pad),
                            self.cfg.task, num_classes=data.num_classes, device=self.p.device,
                            autocast=self.autocast, total=world.sum_tensor if sharded else None)

@@ -35,36 +35,46 @@ WEIGHTS = "adapter_model.safetensors"
 
 @given(n=st.integers(1, 60), size=st.integers(1, 5))
 @settings(max_examples=60, deadline=None)
-def test_shards_cover_the_order_and_are_equal_in_size(n, size):
+def test_every_worker_gets_as_many_examples_and_each_example_counts_once(n, size):
     order = torch.randperm(n)
-    parts = [dist.shard(order, dist.World(rank=r, size=size)) for r in range(size)]
-    assert len({len(p) for p in parts}) == 1
-    assert len(parts[0]) == -(-n // size)
-    seen = torch.cat(parts)
-    assert set(seen.tolist()) == set(order.tolist())
-    assert len(seen) - n < size                       # padding is less than one example per worker
+    shares = [dist.epoch_share(order, dist.World(rank=r, size=size)) for r in range(size)]
+    assert len({len(ids) for ids, _ in shares}) == 1
+    assert len(shares[0][0]) == -(-n // size)
+    counted = torch.cat([ids[keep] for ids, keep in shares])
+    assert sorted(counted.tolist()) == list(range(n))            # the padding does not count
 
 
 @given(n=st.integers(1, 80), batch=st.integers(1, 4), accum=st.integers(1, 3), size=st.integers(2, 4),
        done=st.integers(0, 5))
 @settings(max_examples=80, deadline=None)
-def test_a_step_on_w_workers_reads_what_one_process_with_the_global_batch_reads(n, batch, accum, size, done):
-    """Step k of an epoch on W workers reads the same examples as step k of one process
-    with batch_size x grad_accum x W examples per step, from any resume point."""
+def test_a_step_on_w_workers_counts_what_one_process_with_the_global_batch_reads(n, batch, accum, size, done):
+    """Step k of an epoch on W workers counts exactly the examples of step k of one
+    process with batch_size x grad_accum x W examples per step, from any resume point."""
     order = torch.randperm(n)
     G = batch * accum * size
     done = min(done, -(-n // G) - 1)
-    left = order[done * G:]
-    local = [dist.shard(left, dist.World(rank=r, size=size)) for r in range(size)]
-    k = 0
-    while k * G < len(left):
-        single = left[k * G:(k + 1) * G].tolist()
-        spread = [i for part in local for i in part[k * batch * accum:(k + 1) * batch * accum].tolist()]
-        if len(single) % size == 0:                    # no wrap-around padding in this step
-            assert sorted(spread) == sorted(single)
-        else:
-            assert set(single) <= set(spread)
-        k += 1
+    shares = [dist.epoch_share(order, dist.World(rank=r, size=size), done=done * G) for r in range(size)]
+    single = order[done * G:]
+    for k in range(-(-len(single) // G)):
+        part = slice(k * batch * accum, (k + 1) * batch * accum)
+        spread = [i for ids, keep in shares for i in ids[part][keep[part]].tolist()]
+        assert sorted(spread) == sorted(single[k * G:(k + 1) * G].tolist())
+
+
+def test_ignored_rows_count_for_nothing_in_the_loss():
+    from lora_cli.evaluate import ignore_rows, loss_fn, loss_items
+
+    torch.manual_seed(0)
+    keep = torch.tensor([True, False, True])
+    cases = {"regression": (torch.randn(3, 1), torch.randn(3)),
+             "classification": (torch.randn(3, 4), torch.tensor([1, 2, 3])),
+             "causal_lm": (torch.randn(3, 5, 7), torch.randint(0, 7, (3, 5)))}
+    for task, (output, target) in cases.items():
+        masked = ignore_rows(task, target, keep)
+        assert loss_items(task, masked) == loss_items(task, target[keep])
+        torch.testing.assert_close(loss_fn(task, output, masked, reduction="sum"),
+                                   loss_fn(task, output[keep], target[keep], reduction="sum"))
+        torch.testing.assert_close(loss_fn(task, output, masked), loss_fn(task, output[keep], target[keep]))
 
 
 def test_evaluation_sums_over_workers_equal_the_whole_set():
@@ -174,9 +184,10 @@ def test_one_process_makes_no_collective_calls():
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     """A tiny causal-LM run whose examples differ in length (so the loss is a mean over
-    tokens, not rows) and whose 7 steps cross an epoch boundary."""
+    tokens, not rows), whose count is odd, and whose 7 steps cross an epoch boundary."""
     root = tmp_path_factory.mktemp("dist")
     lines = [json.dumps({"prompt": f"{a}*{b}=", "completion": str(a * b)}) for a in range(1, 9) for b in (3, 17, 41, 88, 97)]
+    lines = lines[:-1]              # 39: the last step of an epoch is uneven, 2 workers pad it
     (root / "train.jsonl").write_text("\n".join(lines) + "\n")
     (root / "eval.jsonl").write_text("\n".join(lines[::3]) + "\n")
     config = {
