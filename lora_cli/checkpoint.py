@@ -74,8 +74,8 @@ def checkpoints(output_dir: str | os.PathLike) -> list[Checkpoint]:
 
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": _py_state(random.getstate())}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available():      # this worker's own GPU: another machine may have fewer
+        state["cuda"] = torch.cuda.get_rng_state()
     try:
         import numpy
         state["numpy"] = _py_state(numpy.random.get_state(legacy=False))
@@ -109,7 +109,10 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(_py_unstate(state["python"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        if isinstance(state["cuda"], (list, tuple)):     # written by lora-cli <= 0.1: every GPU's
+            torch.cuda.set_rng_state_all(state["cuda"])
+        else:
+            torch.cuda.set_rng_state(state["cuda"])
     if "numpy" in state:
         import numpy
         numpy.random.set_state(_numpy_state(_py_unstate(state["numpy"])))

@@ -8,6 +8,7 @@ becomes one red message and exit code 2; anything else is a bug and keeps its tr
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 from typing import List, Optional
 
@@ -77,14 +78,18 @@ def train_command(
     cfg = load_config(config, overrides or [])
     search_path = Path(config).resolve().parent
     workers = nproc_per_node or 1
-    if dist.launched():
-        if nproc_per_node:
-            raise UserError("--nproc-per-node starts workers, but this process already is one (torchrun "
-                            "started it)", where="--nproc-per-node", fix="leave --nproc-per-node out under torchrun")
-        _train_worker(cfg, config, overrides, overwrite=overwrite, resume=resume, search_path=search_path)
-    elif dry_run:
+    if dist.launched() and nproc_per_node:
+        raise UserError("--nproc-per-node starts workers, but this process already is one (torchrun "
+                        "started it)", where="--nproc-per-node", fix="leave --nproc-per-node out under torchrun")
+    if dry_run:             # under torchrun, rank 0 shows the plan of the whole run
         from .train import plan
+        if dist.launched():
+            if os.environ["RANK"] != "0":
+                return
+            workers = int(os.environ["WORLD_SIZE"])
         show_plan(plan(cfg, search_path=search_path, world=dist.World(size=workers, strategy=cfg.train.strategy)))
+    elif dist.launched():
+        _train_worker(cfg, config, overrides, overwrite=overwrite, resume=resume, search_path=search_path)
     elif workers > 1:
         from .console import show_error
         from .launch import launch
@@ -124,27 +129,33 @@ def _train_worker(cfg, config: Path, overrides, **kwargs) -> None:
     """One worker of a torchrun (or --nproc-per-node) run. Rank 0 reports; a worker that
     stops because another failed says so in one line and exits with PEER_FAILED."""
     from . import distributed as dist
-    from .console import err
+    from .console import err, show_error
     from .pipeline import resolve_device
 
     world = dist.join(cfg.train.strategy, resolve_device(cfg.device))
     if not world.is_main:
         dist.quiet()
-    ok = False
+    together = True        # every worker stops at this same point: they may wait for each other
     try:
         _train_here(cfg, config, overrides, world=world, **kwargs)
-        ok = True
     except dist.FollowerStop as stop:
+        together = stop.exit_code == 2
         raise typer.Exit(stop.exit_code) from None
     except dist.PeerFailed as exc:
+        together = False
         err.print(str(exc), markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(dist.PEER_FAILED) from None
-    except UserError:
-        if world.is_main:
-            raise
-        raise typer.Exit(2) from None          # the same error on every rank: rank 0 prints it
+    except UserError as exc:
+        if world.is_main:   # now: the launcher stops rank 0 as soon as the others have exited
+            show_error(exc)
+        raise typer.Exit(2) from None
+    except typer.Exit:      # interrupted: every worker checkpointed and stops
+        raise
+    except BaseException:
+        together = False
+        raise
     finally:
-        dist.leave(ok)
+        dist.leave(together)
 
 
 def _resume_command(config: Path, overrides: Optional[List[str]], workers: int = 1) -> str:

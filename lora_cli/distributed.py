@@ -25,6 +25,7 @@ without a shared file system agree.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -138,25 +139,30 @@ class World:
         return result
 
     def on_all(self, fn: Callable[[], T]) -> T:
-        """Run ``fn`` on every rank; if it raised a UserError anywhere, stop everywhere.
+        """Run ``fn`` on every rank; if it raised anywhere, stop everywhere.
 
-        Rank 0 reports once: its own error, or the first other rank's (prefixed with that
-        rank) when rank 0 itself succeeded. The other ranks stop quietly.
+        A rank whose ``fn`` raised something other than a UserError re-raises it (its
+        traceback is the report) and the others stop quietly. Otherwise rank 0 reports
+        once: its own UserError, or the first other rank's (prefixed with that rank).
         """
         if not self.distributed:
             return fn()
         try:
             result, error = fn(), None
-        except UserError as exc:
+        except BaseException as exc:
             result, error = None, exc
-        messages = self.gather(None if error is None else str(error))
-        if not any(messages):
+        reports = self.gather(None if error is None else (isinstance(error, UserError), str(error)))
+        if not any(reports):
             return result
+        if error is not None and not isinstance(error, UserError):
+            raise error
+        if not all(user for user, _ in filter(None, reports)):
+            raise FollowerStop(user_error=False)
         if not self.is_main:
             raise FollowerStop()
         if error is not None:
             raise error
-        rank, text = next((r, m) for r, m in enumerate(messages) if m)
+        rank, (_, text) = next((r, m) for r, m in enumerate(reports) if m)
         raise UserError(f"rank {rank}: {text}")
 
 
@@ -198,15 +204,33 @@ def join(strategy: str, device: torch.device) -> World:
     return World(rank=rank, size=size, local_rank=local_rank, strategy=strategy)
 
 
-def leave(ok: bool) -> None:
-    """Leave the process group. After a clean run the workers first wait for each other:
-    one tearing down its connections while another still uses them can abort."""
+def leave(together: bool) -> None:
+    """Leave the process group. When every worker stopped at the same point (done, a
+    user error, an interrupt) they first wait for each other: one tearing down its
+    connections while another still uses them can abort. After a failure they do not
+    wait (the others may be gone)."""
     import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized()):
+    if not (dist.is_available() and dist.is_initialized()) or not together:
         return
-    if ok:
-        dist.barrier()
-        dist.destroy_process_group()
+    try:
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+        else:
+            dist.barrier()
+    except Exception:           # a worker went away after all: nothing to wait for
+        return
+    dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def peer_failures(world: World):
+    """Turn a collective failing because another worker went away into PeerFailed."""
+    try:
+        yield
+    except Exception as exc:
+        if world.distributed and is_peer_failure(exc):
+            raise PeerFailed(world.rank, exc) from None
+        raise
 
 
 def quiet() -> None:
@@ -227,14 +251,16 @@ def worker_device(device: torch.device, world: World) -> torch.device:
     return device
 
 
-_PEER_ERROR = re.compile(r"gloo|NCCL|Connection (reset|closed)|Broken pipe|DistBackendError|"
-                         r"ProcessGroup|timed out|Socket", re.IGNORECASE)
+# What gloo and nccl say when the other end of a collective is gone or never came.
+_PEER_ERROR = re.compile(r"Connection (reset|closed|refused)|Broken pipe|remote process exited|"
+                         r"communicator was aborted|timed out|Timeout", re.IGNORECASE)
 
 
 def is_peer_failure(exc: BaseException) -> bool:
-    """Whether ``exc`` is a collective failing because another worker went away."""
+    """Whether ``exc`` is a collective failing because another worker went away (not
+    this worker's own fault, such as running out of memory inside a collective)."""
     import torch.distributed as dist
-    if isinstance(exc, getattr(dist, "DistError", ())):
+    if isinstance(exc, getattr(dist, "DistNetworkError", ())):
         return True
     return isinstance(exc, RuntimeError) and bool(_PEER_ERROR.search(str(exc)))
 
@@ -270,15 +296,17 @@ def wrap(model: nn.Module, world: World, device: torch.device) -> nn.Module:
     ranks (rank 0's values)."""
     if not world.distributed:
         return model.to(device)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    start = world.broadcast({n: p.detach().cpu() for n, p in trainable.items()} if world.is_main else None)
+    with torch.no_grad():
+        for n, p in trainable.items():
+            p.copy_(start[n])
     if world.strategy == "fsdp":
         _fully_shard(model, device)
         return model
     from torch.nn.parallel import DistributedDataParallel
 
     model.to(device)
-    for p in model.parameters():
-        if p.requires_grad:
-            torch.distributed.broadcast(p.data, src=0)
     # No broadcast of the frozen base at start (every rank loaded the same one) nor of
     # buffers at each forward; gradients are bucketed and averaged for parameters with
     # requires_grad only.
@@ -291,7 +319,8 @@ def wrap(model: nn.Module, world: World, device: torch.device) -> nn.Module:
 
 def inner(model: nn.Module) -> nn.Module:
     """The user's model inside a DDP wrapper (or the model itself)."""
-    return getattr(model, "module", model) if type(model).__name__ == "DistributedDataParallel" else model
+    from torch.nn.parallel import DistributedDataParallel
+    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 def _shard_units(model: nn.Module) -> list[nn.Module]:

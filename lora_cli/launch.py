@@ -60,8 +60,10 @@ def explain(failures: list[Failure], nproc: int, resume: str | None = None) -> t
     first = min(primary, key=lambda f: f.rank)
     how = (f"was killed by {first.signal_name}" if first.signal_name
            else f"failed with exit code {first.exitcode} (its error is printed above)")
-    others = sorted(f.rank for f in failures if f is not first)
-    rest = f"; rank{'s' if len(others) > 1 else ''} {', '.join(map(str, others))} stopped after it" if others else ""
+    stopped = sorted(f.rank for f in failures if f.secondary)
+    also = sorted(f.rank for f in primary if f is not first)
+    rest = f"; rank{'s' if len(stopped) > 1 else ''} {', '.join(map(str, stopped))} stopped after it" if stopped else ""
+    rest += f"; rank{'s' if len(also) > 1 else ''} {', '.join(map(str, also))} failed too" if also else ""
     fix = ("SIGKILL is often the out-of-memory killer (see dmesg): lower train.batch_size or the number of "
            "workers" if first.exitcode == -signal.SIGKILL else "fix what that worker reported")
     fix += f"; then resume with: {resume}" if resume else "; with train.save_every set, a rerun can --resume"
@@ -70,8 +72,9 @@ def explain(failures: list[Failure], nproc: int, resume: str | None = None) -> t
 
 
 def worker_threads(nproc: int) -> int:
-    """CPU threads per worker: the machine's cores shared out, at least one."""
-    return max(1, (os.cpu_count() or 1) // nproc)
+    """CPU threads per worker: the cores this process may use, shared out, at least one."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // nproc)
 
 
 def launch(args: list[str], nproc: int, resume: Callable[[], str | None] = lambda: None
@@ -88,7 +91,8 @@ def launch(args: list[str], nproc: int, resume: Callable[[], str | None] = lambd
     for name in [*logging.root.manager.loggerDict, "torch.distributed.elastic"]:
         if name.startswith(("torch.distributed.elastic", "torch.distributed.launcher")):
             logging.getLogger(name).setLevel(logging.CRITICAL)
-    os.environ.setdefault("OMP_NUM_THREADS", str(worker_threads(nproc)))
+    threads_set = "OMP_NUM_THREADS" in os.environ
+    os.environ.setdefault("OMP_NUM_THREADS", str(worker_threads(nproc)))     # the workers inherit it
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
                           monitor_interval=0.1)
@@ -99,4 +103,7 @@ def launch(args: list[str], nproc: int, resume: Callable[[], str | None] = lambd
         return explain(failures, nproc, resume())
     except SignalException as exc:          # Ctrl-C or kill: the workers got it too and checkpointed
         return 128 + int(exc.sigval), None
+    finally:
+        if not threads_set:
+            del os.environ["OMP_NUM_THREADS"]
     return 0, None

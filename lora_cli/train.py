@@ -204,11 +204,13 @@ def resume_config(info: dict, cfg: Config, workers: int, where: Path) -> tuple[C
         if global_batch(cfg, workers) != want:
             per_step = cfg.train.batch_size * workers
             if cfg.train.grad_accum != old.train.grad_accum or want % per_step:
+                how = (f"train.grad_accum {cfg.train.grad_accum} makes it "
+                       f"{global_batch(cfg, workers)}" if cfg.train.grad_accum != old.train.grad_accum
+                       else f"batch_size {cfg.train.batch_size} x {workers} workers does not divide {want}")
                 raise UserError(
                     f"cannot resume on {workers} worker(s): the checkpoint was trained with {want} examples per "
                     f"step (batch_size {old.train.batch_size} x grad_accum {old.train.grad_accum} x "
-                    f"{saved_workers} workers), and batch_size {cfg.train.batch_size} x {workers} workers "
-                    f"does not divide {want}", where=str(where),
+                    f"{saved_workers} workers), and {how}", where=str(where),
                     fix=f"resume on a number of workers that divides {want // cfg.train.batch_size}, or set "
                         f"train.grad_accum so that batch_size x grad_accum x workers = {want}")
             cfg = dc_replace(cfg, train=dc_replace(cfg.train, grad_accum=want // per_step))
@@ -284,34 +286,31 @@ def train(cfg: Config, *, reporter: Reporter | None = None, overwrite: bool = Fa
     """
     reporter = (reporter or _Silent()) if world.is_main else _Silent()
     out = Path(cfg.output_dir)
-    start = world.on_main(lambda: _resume_point(out, cfg, resume))
+    with dist.peer_failures(world):
+        start = world.on_main(lambda: _resume_point(out, cfg, resume))
 
-    def setup() -> tuple[Plan, list[str]]:
-        c, notes = (cfg, []) if start is None else resume_config(start[1], cfg, world.size, start[0].path)
-        p = prepared if prepared is not None and c is cfg else plan(c, search_path=search_path, world=world)
-        _check_strategy(p)
-        return p, notes
+        def setup() -> tuple[Plan, list[str]]:
+            c, notes = (cfg, []) if start is None else resume_config(start[1], cfg, world.size, start[0].path)
+            p = prepared if prepared is not None and c is cfg else plan(c, search_path=search_path, world=world)
+            _check_strategy(p)
+            return p, notes
 
-    p, notes = world.on_all(setup)
-    restored = world.on_main(lambda: ckpt.read_checkpoint(start[0])) if start else None
-    if restored is None:
-        world.on_main(lambda: _start_output_dir(out, p.cfg, overwrite))
-    else:
-        world.on_all(lambda: load_adapter_weights(p.built.model, restored.adapter))
-    run = _Run(p, out, reporter)
-    if restored is not None:
-        notes = [f"resuming from {restored.path} (step {restored.loop.step})", *notes, *run.restore(restored)]
-    p.built.notes.extend(notes)
-    try:
-        with _stop_on_signals() as received:
-            seconds = run.loop_over_data(received)
-        adapter_dir, adapter_bytes = run.save_adapter()
-    except Exception as exc:
-        if world.distributed and dist.is_peer_failure(exc):
-            raise dist.PeerFailed(world.rank, exc) from None
-        raise
-    finally:
-        run.close()
+        p, notes = world.on_all(setup)
+        restored = world.on_main(lambda: ckpt.read_checkpoint(start[0])) if start else None
+        if restored is None:
+            world.on_main(lambda: _start_output_dir(out, p.cfg, overwrite))
+        else:
+            world.on_all(lambda: load_adapter_weights(p.built.model, restored.adapter))
+        run = _Run(p, out, reporter)
+        if restored is not None:
+            notes = [f"resuming from {restored.path} (step {restored.loop.step})", *notes, *run.restore(restored)]
+        p.built.notes.extend(notes)
+        try:
+            with _stop_on_signals() as received:
+                seconds = run.loop_over_data(received)
+            adapter_dir, adapter_bytes = run.save_adapter()
+        finally:
+            run.close()
     if not world.distributed:
         p.built.model.to("cpu")
     loop, base = run.loop, p.cfg.model.base or p.cfg.model.hf
