@@ -250,8 +250,9 @@ def _check_strategy(p: Plan) -> None:
 def _stop_on_signals():
     """Record SIGINT/SIGTERM instead of dying mid-step; a second one stops at once.
 
-    A repeat within a second counts as the same request: a launcher passes on the
-    signal that a terminal also sent to every worker directly.
+    A repeat within a second counts as the same request: a worker can get one signal
+    twice, from its launcher passing it on and from a job scheduler or terminal that
+    signals every process of the job.
     """
     received: list[int] = []
     first: list[float] = []
