@@ -43,7 +43,8 @@ def _user_errors(fn):
             return fn(*args, **kwargs)
         except UserError as exc:
             from .console import show_error
-            show_error(exc)
+            rank = os.environ.get("RANK", "0") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "0"
+            show_error(exc, prefix=f"rank {rank}: " if rank != "0" else "")   # under torchrun, before joining
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)

@@ -10,6 +10,7 @@ import json
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -35,14 +36,16 @@ def _num(x) -> str:
     return f"{x:.4g}"
 
 
-def show_error(exc: Exception) -> None:
-    """One red message: what, where, and how to fix it. No traceback."""
+def show_error(exc: Exception, prefix: str = "") -> None:
+    """One red message: what, where, and how to fix it. No traceback. ``prefix`` names
+    the worker that says it, when there are several."""
     what = getattr(exc, "what", str(exc))
     where = getattr(exc, "where", None)
     fix = getattr(exc, "fix", None)
-    err.print(f"[bold red]error:[/] {where + ': ' if where else ''}{what}", markup=True, soft_wrap=True)
+    err.print(f"{escape(prefix)}[bold red]error:[/] {escape(where + ': ') if where else ''}{escape(what)}",
+              markup=True, soft_wrap=True)
     if fix:
-        err.print(f"[yellow]  fix:[/] {fix}", soft_wrap=True)
+        err.print(f"[yellow]  fix:[/] {escape(fix)}", soft_wrap=True)
 
 
 def show_note(text: str) -> None:
