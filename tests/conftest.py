@@ -204,3 +204,27 @@ def state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
 @pytest.fixture
 def lm() -> nn.Module:
     return tiny_lm()
+
+
+def write_lm_run(root, pairs: list[tuple[str, str]], *, eval_every_nth: int, seed: int, n_layer: int,
+                 seq: int, dropout: float, train: dict):
+    """A small causal-LM run on the built-in gpt (random base) in ``root``: train.jsonl from
+    (prompt, completion) pairs, eval.jsonl from every n-th of them, config.yaml with
+    output_dir "run"; returns root."""
+    import json
+
+    import yaml
+
+    lines = [json.dumps({"prompt": p, "completion": c}) for p, c in pairs]
+    (root / "train.jsonl").write_text("\n".join(lines) + "\n")
+    (root / "eval.jsonl").write_text("\n".join(lines[::eval_every_nth]) + "\n")
+    config = {
+        "seed": seed, "device": "cpu", "task": "causal_lm", "output_dir": "run",
+        "model": {"arch": "gpt", "args": {"n_layer": n_layer, "n_head": 2, "d_model": 32, "max_seq_len": seq},
+                  "base": None},
+        "data": {"train": "train.jsonl", "eval": "eval.jsonl", "max_seq_len": seq},
+        "lora": {"rank": 4, "alpha": 8, "dropout": dropout, "target_modules": "all-linear"},
+        "train": train,
+    }
+    (root / "config.yaml").write_text(yaml.safe_dump(config))
+    return root

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
+from conftest import write_lm_run
 from lora_cli.checkpoint import trim_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,20 +24,10 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     """A small causal-LM run on the built-in gpt with dropout (so RNG state matters)."""
-    lines = [json.dumps({"prompt": f"{a}+{b}=", "completion": str(a + b)}) for a in range(12) for b in range(6)]
-    (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
-    (tmp_path / "eval.jsonl").write_text("\n".join(lines[::7]) + "\n")
-    config = {
-        "seed": 3, "device": "cpu", "task": "causal_lm", "output_dir": "run",
-        "model": {"arch": "gpt", "args": {"n_layer": 1, "n_head": 2, "d_model": 32, "max_seq_len": 32},
-                  "base": None},
-        "data": {"train": "train.jsonl", "eval": "eval.jsonl", "max_seq_len": 32},
-        "lora": {"rank": 4, "alpha": 8, "dropout": 0.1, "target_modules": "all-linear"},
-        "train": {"epochs": 4, "batch_size": 8, "lr": 0.01, "log_every": 3, "eval_every": 7,
-                  "save_every": 4, "keep_last": 2},
-    }
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    return tmp_path
+    pairs = [(f"{a}+{b}=", str(a + b)) for a in range(12) for b in range(6)]
+    return write_lm_run(tmp_path, pairs, eval_every_nth=7, seed=3, n_layer=1, seq=32, dropout=0.1,
+                        train={"epochs": 4, "batch_size": 8, "lr": 0.01, "log_every": 3, "eval_every": 7,
+                               "save_every": 4, "keep_last": 2})
 
 
 def lora_train(cwd: Path, *args: str, env: dict | None = None, wait: bool = True):

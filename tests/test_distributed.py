@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
+from conftest import write_lm_run
 from lora_cli import distributed as dist
 from lora_cli.checkpoint import checkpoints
 from lora_cli.config import config_from_dict, config_to_dict
@@ -185,21 +185,10 @@ def test_one_process_makes_no_collective_calls():
 def project(tmp_path_factory) -> Path:
     """A tiny causal-LM run whose examples differ in length (so the loss is a mean over
     tokens, not rows), whose count is odd, and whose 7 steps cross an epoch boundary."""
-    root = tmp_path_factory.mktemp("dist")
-    lines = [json.dumps({"prompt": f"{a}*{b}=", "completion": str(a * b)}) for a in range(1, 9) for b in (3, 17, 41, 88, 97)]
-    lines = lines[:-1]              # 39: the last step of an epoch is uneven, 2 workers pad it
-    (root / "train.jsonl").write_text("\n".join(lines) + "\n")
-    (root / "eval.jsonl").write_text("\n".join(lines[::3]) + "\n")
-    config = {
-        "seed": 5, "device": "cpu", "task": "causal_lm", "output_dir": "single",
-        "model": {"arch": "gpt", "args": {"n_layer": 2, "n_head": 2, "d_model": 32, "max_seq_len": 16},
-                  "base": None},
-        "data": {"train": "train.jsonl", "eval": "eval.jsonl", "max_seq_len": 16},
-        "lora": {"rank": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"},
-        "train": {"max_steps": 7, "batch_size": 4, "grad_accum": 2, "lr": 0.02, "log_every": 1,
-                  "eval_every": 4, "save_every": 2, "keep_last": None},
-    }
-    (root / "config.yaml").write_text(yaml.safe_dump(config))
+    pairs = [(f"{a}*{b}=", str(a * b)) for a in range(1, 9) for b in (3, 17, 41, 88, 97)][:-1]   # 39: uneven
+    root = write_lm_run(tmp_path_factory.mktemp("dist"), pairs, eval_every_nth=3, seed=5, n_layer=2, seq=16,
+                        dropout=0.0, train={"max_steps": 7, "batch_size": 4, "grad_accum": 2, "lr": 0.02,
+                                            "log_every": 1, "eval_every": 4, "save_every": 2, "keep_last": None})
     from lora_cli.config import load_config
     here = Path.cwd()
     os.chdir(root)
@@ -234,8 +223,8 @@ def test_two_workers_train_the_adapter_one_process_trains_with_the_same_global_b
     run = lora_train(project, f"output_dir={strategy}", f"train.strategy={strategy}", "train.batch_size=2",
                      "train.grad_accum=2", "--nproc-per-node", "2")
     assert run.returncode == 0, run.stderr
-    assert_same_adapter(project / "single/adapter", project / strategy / "adapter")
-    assert eval_losses(project / strategy) == pytest.approx(eval_losses(project / "single"), abs=1e-5)
+    assert_same_adapter(project / "run/adapter", project / strategy / "adapter")
+    assert eval_losses(project / strategy) == pytest.approx(eval_losses(project / "run"), abs=1e-5)
     assert "global batch 8 = batch 2 x grad_accum 2 x 2 workers" in " ".join(run.stdout.split())
     assert "rank 1" not in run.stdout + run.stderr                    # the other rank stays quiet
     steps = sorted(int(p.name.split("_")[1]) for p in (project / strategy / "checkpoints").iterdir())
@@ -274,7 +263,7 @@ def test_a_checkpoint_resumes_on_another_number_of_workers_and_strategy(project,
     assert resumed.returncode == 0, resumed.stderr
     said = " ".join((resumed.stdout + resumed.stderr).split())
     assert "resuming from" in said and "keeps 8 examples per step" in said
-    assert_same_adapter(project / "single/adapter", project / out / "adapter")
+    assert_same_adapter(project / "run/adapter", project / out / "adapter")
 
 
 def _worker_pid(launcher: int, rank: int) -> int | None:
