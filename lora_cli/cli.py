@@ -92,22 +92,23 @@ def train_command(
     elif dist.launched():
         _train_worker(cfg, config, overrides, overwrite=overwrite, resume=resume, search_path=search_path)
     elif workers > 1:
-        from .console import show_error
-        from .launch import launch
-
-        args = [str(config), *(overrides or []), *(["--overwrite"] if overwrite else []),
-                *(["--resume"] if resume else [])]
-        def resume_command() -> str | None:
-            from .checkpoint import checkpoints
-            found = checkpoints(cfg.output_dir)
-            return _resume_command(config, overrides, workers) if found else None
-
-        code, problem = launch(args, workers, resume_command)
-        if problem is not None:
-            show_error(problem)
-        raise typer.Exit(code)
+        _launch_workers(cfg, config, overrides, workers, overwrite=overwrite, resume=resume)
     else:
         _train_here(cfg, config, overrides, overwrite=overwrite, resume=resume, search_path=search_path)
+
+
+def _launch_workers(cfg, config: Path, overrides, workers: int, *, overwrite: bool, resume: bool) -> None:
+    """Start ``workers`` copies of this command on this machine; exit as the run ended."""
+    from .checkpoint import checkpoints
+    from .console import show_error
+    from .launch import launch
+
+    args = [str(config), *(overrides or []), *(["--overwrite"] if overwrite else []), *(["--resume"] if resume else [])]
+    code, problem = launch(args, workers, lambda: _resume_command(config, overrides, workers)
+                           if checkpoints(cfg.output_dir) else None)
+    if problem is not None:
+        show_error(problem)
+    raise typer.Exit(code)
 
 
 def _train_here(cfg, config: Path, overrides, *, world=None, **kwargs) -> None:
@@ -161,8 +162,8 @@ def _train_worker(cfg, config: Path, overrides, **kwargs) -> None:
 
 def _resume_command(config: Path, overrides: Optional[List[str]], workers: int = 1) -> str:
     import shlex
-    workers = ["--nproc-per-node", str(workers)] if workers > 1 else []
-    return " ".join(shlex.quote(a) for a in ["lora-train", str(config), *(overrides or []), *workers, "--resume"])
+    launch = ["--nproc-per-node", str(workers)] if workers > 1 else []
+    return " ".join(shlex.quote(a) for a in ["lora-train", str(config), *(overrides or []), *launch, "--resume"])
 
 
 MERGE_EXAMPLES = """\
