@@ -96,7 +96,7 @@ def show_plan(plan) -> None:
 
 def describe_batch(plan) -> str:
     """The batch a step sees: 'batch 8 x grad_accum 2', or with several workers
-    'global batch 32 = batch 8 x grad_accum 2 x 2 workers (ddp)'."""
+    'global batch 32 = batch 8 x grad_accum 2 x 2 workers'."""
     t, world = plan.cfg.train, plan.world
     if not world.distributed:
         return f"batch {t.batch_size} x grad_accum {t.grad_accum}"
