@@ -547,7 +547,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.comm_worker:
         comm_worker(json.loads(args.comm_worker))
-        return 0
+        # The result is printed and the group destroyed. Leave without the interpreter's
+        # teardown: after DDP comm hooks and FSDP in one process it has aborted ("terminate
+        # called without an active exception", 1 run in ~6), which would lose a measurement.
+        sys.stdout.flush()
+        os._exit(0)
     from lora_cli.launch import worker_threads
     result = {"machine": machine(os.cpu_count()),
               "settings": {"quick": args.quick, "parts": args.parts, "config": args.config, "batch": args.batch,
