@@ -458,7 +458,13 @@ class _Run:
                 fix="lower train.lr, set train.clip_grad_norm, use dtype: float32, "
                     "or train.on_nan: skip to skip such steps")
         if finite:
-            scaler.step(self.optimizer)
+            try:
+                scaler.step(self.optimizer)
+            except RuntimeError as exc:          # e.g. Adam's first step at lr 1e38: lr / 0.1 > float32
+                if "overflow" not in str(exc):
+                    raise
+                raise TrainingError(f"the optimizer step overflowed at step {self.loop.step + 1} ({exc})",
+                                    where="train.lr", fix=f"lower train.lr (it is {t.lr:g})") from None
             self.loop.window_loss += loss_sum
         else:
             self.loop.skipped += 1

@@ -146,6 +146,18 @@ def test_resume_without_checkpoint_and_nan_handling(project: Path):
     assert skip.returncode == 0, skip.stderr
 
 
+def test_an_optimizer_step_that_overflows_is_a_user_error(project: Path, monkeypatch):
+    """Adam's first step divides lr by 1 - beta1 = 0.1: lr 1e38 overflows float32 there."""
+    from lora_cli.config import load_config
+    from lora_cli.train import TrainingError, train
+
+    monkeypatch.chdir(project)
+    with pytest.raises(TrainingError, match="overflowed at step 1") as info:
+        train(load_config("config.yaml", ["train.lr=1e38", "train.max_steps=2", "train.eval_every=null"]),
+              search_path=project)
+    assert "lower train.lr" in info.value.fix
+
+
 def test_trim_metrics_keeps_rows_up_to_step_and_drops_a_torn_line(tmp_path: Path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "loss": 1}\n{"step": 2, "loss": 0.5}\n{"step": 2, "eval_loss": 0.7}\n'
