@@ -5,8 +5,10 @@ behaves like one process whose batch is W times larger::
 
     global batch G = batch_size x grad_accum x W          (examples per optimizer step)
     epoch order    = one permutation of the n examples, the same on every rank (seed, epoch)
-    rank r reads   = positions r, r+W, r+2W, ... of what is left of it, wrapped around
-                     so that every rank has ceil(left / W) examples
+    rank r reads   = positions r, r+W, r+2W, ... of it, padded to a multiple of W so
+                     that every rank runs ceil(n / W) examples (the padding counts zero)
+    loss           = summed over the step's rows or target tokens on all ranks, divided
+                     by their global count (see lora_cli.train)
 
 so optimizer step s sees the same G examples as a single process with batch G, and its
 gradient is the mean over them. Two strategies:
@@ -38,8 +40,6 @@ from torch import nn
 from .errors import UserError
 
 T = TypeVar("T")
-
-STRATEGIES = ("ddp", "fsdp")
 
 # Exit code of a worker that stopped because another worker failed (the one to look at).
 PEER_FAILED = 3
