@@ -226,8 +226,9 @@ def adapter_config(model: nn.Module, *, base_model_name_or_path: str | None = No
         "lora_cli": {
             "version": __version__,
             "modules": layouts,
-            "fingerprint": base_fingerprint(model),
-            **(metadata or {}),   # a caller may pass the fingerprint taken before a dtype cast
+            # a caller may pass the fingerprint taken before a dtype cast: then hash nothing again
+            "fingerprint": (metadata or {}).get("fingerprint") or base_fingerprint(model),
+            **(metadata or {}),
         },
     }
 

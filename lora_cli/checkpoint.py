@@ -188,14 +188,12 @@ class Restored:
 
 def read_checkpoint(ckpt: Checkpoint) -> Restored:
     """Read a checkpoint without touching any model."""
+    info = read_info(ckpt)
     try:
-        info = json.loads((ckpt.path / "trainer_state.json").read_text())
         state = torch.load(ckpt.path / "trainer_state.pt", map_location="cpu", weights_only=True)
         adapter = read_adapter(ckpt.path / "adapter")
-    except (OSError, ValueError, RuntimeError, UserError, json.JSONDecodeError) as exc:
-        detail = exc.what if isinstance(exc, UserError) else str(exc)
-        raise UserError(f"checkpoint cannot be read: {detail}", where=str(ckpt.path),
-                        fix="delete this checkpoint directory to resume from the one before it") from None
+    except (OSError, ValueError, RuntimeError, UserError) as exc:
+        raise _unreadable(ckpt, exc.what if isinstance(exc, UserError) else str(exc)) from None
     return Restored(adapter=adapter, state=state, info=info, path=ckpt.path)
 
 
@@ -203,9 +201,13 @@ def read_info(ckpt: Checkpoint) -> dict:
     """trainer_state.json of a checkpoint: step, epoch, workers, config."""
     try:
         return json.loads((ckpt.path / "trainer_state.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise UserError(f"checkpoint cannot be read: {exc}", where=str(ckpt.path),
-                        fix="delete this checkpoint directory to resume from the one before it") from None
+    except (OSError, ValueError) as exc:       # JSONDecodeError is a ValueError
+        raise _unreadable(ckpt, str(exc)) from None
+
+
+def _unreadable(ckpt: Checkpoint, detail: str) -> UserError:
+    return UserError(f"checkpoint cannot be read: {detail}", where=str(ckpt.path),
+                     fix="delete this checkpoint directory to resume from the one before it")
 
 
 def clean_partial(output_dir: str | os.PathLike) -> None:

@@ -92,9 +92,7 @@ class World:
         """Element-wise sums over all ranks (float64)."""
         if not self.distributed:
             return list(values)
-        t = torch.tensor(list(values), dtype=torch.float64, device=self._device())
-        torch.distributed.all_reduce(t)
-        return t.tolist()
+        return self.sum_tensor(torch.tensor(list(values), dtype=torch.float64)).tolist()
 
     def sum_tensor(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` summed over all ranks (a new tensor)."""
