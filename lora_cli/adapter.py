@@ -24,8 +24,10 @@ adapter.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
+import math
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -51,49 +53,109 @@ LORA_SUFFIXES = {  # tensor-key suffix -> (factor, layout family)
 
 
 # --- fingerprint ----------------------------------------------------------------------
+#
+# A fingerprint records, per base tensor, "shape|dtype|hash": the hash of up to SAMPLES
+# evenly spaced elements. It tells one trained base from another (not a single flipped
+# weight) and costs the same on any size: the positions are exact integers, and only the
+# sampled elements are read, from memory or straight from a file.
+#
+#   scheme 2 (this version)  positions i * (n - 1) // (SAMPLES - 1), i = 0..SAMPLES-1;
+#                            floating values hashed as bfloat16 (exact for a bfloat16
+#                            base and for its float32 upcast, so a base loaded in another
+#                            float dtype is still the same base), integers as int64;
+#                            the dtype is recorded but only its kind (float or not) is
+#                            compared.
+#   scheme 1 (lora-cli 0.1)  positions from a float32 linspace (wrong past 2**24
+#                            elements), raw bytes in the tensor's own dtype; still checked
+#                            for adapters written by that version.
 
-def _sample_hash(t: torch.Tensor, samples: int = 1024) -> str:
-    """A short hash of up to ``samples`` evenly spaced elements: cheap on any size, and
-    enough to tell one trained base from another (not to find a single flipped weight)."""
-    flat = t.detach().reshape(-1)
-    if flat.numel() > samples:
-        idx = torch.linspace(0, flat.numel() - 1, samples, device=flat.device).long()
-        flat = flat[idx]
-    raw = flat.cpu().contiguous().view(torch.uint8) if flat.numel() else torch.empty(0, dtype=torch.uint8)
-    return hashlib.sha256(bytes(raw.tolist())).hexdigest()[:16]
+SAMPLES = 1024
+SCHEME = 2
 
 
-def fingerprint(tensors: Iterable[tuple[str, torch.Tensor]], trained: Iterable[str] = ()) -> dict:
+def sample_positions(numel: int, scheme: int = SCHEME, samples: int = SAMPLES) -> list[int]:
+    """Flat positions of the elements a fingerprint reads: every element of a small
+    tensor, else ``samples`` evenly spaced ones, first and last included."""
+    if numel <= samples:
+        return list(range(numel))
+    if scheme == 1:
+        return torch.linspace(0, numel - 1, samples).long().clamp_(max=numel - 1).tolist()
+    return [i * (numel - 1) // (samples - 1) for i in range(samples)]
+
+
+def sample_elements(t: torch.Tensor, positions: list[int]) -> torch.Tensor:
+    """The elements of ``t`` at flat (row-major) ``positions``, as a 1-D tensor; never
+    copies more of ``t`` than those elements, whatever its size or layout."""
+    t = t.detach()
+    if not positions:
+        return t.new_empty(0)
+    idx = torch.tensor(positions, dtype=torch.int64, device=t.device)
+    if t.is_contiguous():
+        return t.reshape(-1)[idx]                          # a view, then a gather
+    return t[torch.unravel_index(idx, t.shape)]
+
+
+def _digest_bytes(values: torch.Tensor, scheme: int) -> str:
+    """sha256 (16 hex digits) of sampled values: canonical bfloat16 / int64 under scheme 2."""
+    values = values.cpu()
+    if scheme >= 2:
+        values = values.to(torch.bfloat16 if values.is_floating_point() or values.is_complex() else torch.int64)
+    values = values.contiguous()
+    raw = ctypes.string_at(values.data_ptr(), values.numel() * values.element_size()) if values.numel() else b""
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def _sample_hash(t, scheme: int = SCHEME) -> str:
+    """The hash of ``t``'s sampled elements; ``t`` is a tensor, or a stored tensor with
+    ``shape``, ``dtype`` and ``sample(positions)`` (read from a file without loading it)."""
+    positions = sample_positions(math.prod(t.shape), scheme)
+    values = sample_elements(t, positions) if isinstance(t, torch.Tensor) else t.sample(positions)
+    return _digest_bytes(values, scheme)
+
+
+def _record(t, trained: bool, scheme: int = SCHEME) -> str:
+    shape = "x".join(str(int(s)) for s in t.shape)
+    dtype = str(t.dtype).removeprefix("torch.")
+    return f"{shape}|{dtype}|{'-' if trained else _sample_hash(t, scheme)}"
+
+
+def fingerprint(tensors: Iterable[tuple[str, object]], trained: Iterable[str] = ()) -> dict:
     """Per base tensor ``"shape|dtype|hash"``; tensors in ``trained`` change during training
-    (modules_to_save, biases), so only their shape and dtype are recorded."""
+    (modules_to_save, biases), so only their shape and dtype are recorded. The tensors may
+    be stored ones (see :func:`_sample_hash`)."""
     trained = set(trained)
-    records = {}
-    for name, t in tensors:
-        shape = "x".join(str(s) for s in t.shape)
-        dtype = str(t.dtype).removeprefix("torch.")
-        records[name] = f"{shape}|{dtype}|{'-' if name in trained else _sample_hash(t)}"
+    records = {name: _record(t, name in trained) for name, t in tensors}
     digest = hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest()[:16]
-    return {"digest": digest, "tensors": dict(sorted(records.items()))}
+    return {"scheme": SCHEME, "digest": digest, "tensors": dict(sorted(records.items()))}
 
 
-def fingerprint_mismatches(expected: Mapping, tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+def _same(want: str, have: str, scheme: int) -> str | None:
+    """What differs between two records ('shape', 'dtype', 'values'), or None."""
+    w, h = want.split("|"), have.split("|")
+    if w[0] != h[0]:
+        return "shape"
+    floats = ("float", "bfloat")
+    if (w[1] != h[1]) if scheme < 2 else (w[1].startswith(floats) != h[1].startswith(floats)):
+        return "dtype"
+    return "values" if w[2] != h[2] and w[2] != "-" else None
+
+
+def fingerprint_mismatches(expected: Mapping, tensors: Iterable[tuple[str, object]]) -> list[str]:
     """What differs between a recorded fingerprint and a base: [] when it is the same base.
 
-    Every recorded tensor must be in the base with the same shape, dtype and sampled
+    Every recorded tensor must be in the base with the same shape, dtype kind and sampled
     values, except one that duplicates another (tied weights are often stored once) and
     a trained module the base may lack (a classifier's new head). Tensors the base has
-    beyond the record (a language model's head under a classifier) pass.
+    beyond the record (a language model's head under a classifier) pass. ``tensors`` may
+    be stored tensors: only the sampled elements are read.
     """
+    scheme = int(expected.get("scheme", 1))
     want: dict[str, str] = dict(expected.get("tensors", {}))
-    have = {}
-    for name, t in tensors:
-        known = want.get(name, "")
-        have[name] = fingerprint([(name, t)], trained=[name] if known.endswith("|-") else [])["tensors"][name]
+    have = {name: _record(t, want.get(name, "").endswith("|-"), scheme) for name, t in tensors}
     problems = []
     for name in sorted(set(want) & set(have)):
-        if want[name] != have[name]:
-            w, h = want[name].split("|"), have[name].split("|")
-            what = "shape" if w[0] != h[0] else "dtype" if w[1] != h[1] else "values"
+        what = _same(want[name], have[name], scheme)
+        if what:
             problems.append(f"{name}: {what} differ ({want[name]} vs {have[name]})")
     have_values = set(have.values())
     problems += [f"{n}: missing from the base" for n in sorted(set(want) - set(have))

@@ -217,7 +217,7 @@ def merge_checkpoint(base: str | os.PathLike, adapters: Sequence[Adapter], out: 
         readers = [SafetensorsReader(f) for f in (shard_files(base) if kind == "directory" else [base])]
         shapes = {k: spec[0] for r in readers for k, spec in r.specs.items()}
         merger.check(shapes, where=str(base))
-        tensors = lambda: (kv for r in readers for kv in r)   # noqa: E731
+        tensors = lambda: (kv for r in readers for kv in r.stored())   # noqa: E731  (sampled reads)
     if check_base:
         for adapter in adapters:
             check_fingerprint(adapter, tensors(), where=str(base))

@@ -92,6 +92,44 @@ class SafetensorsReader:
         for k in self.keys:
             yield k, self.get(k)
 
+    def stored(self) -> Iterator[tuple[str, "StoredTensor"]]:
+        """(name, tensor on disk) for every tensor, nothing read yet."""
+        for k in self.keys:
+            yield k, StoredTensor(self, k)
+
+    def read_elements(self, key: str, positions: list[int]) -> torch.Tensor:
+        """The elements of ``key`` at flat ``positions`` (ascending), as a 1-D tensor,
+        reading only their bytes."""
+        shape, dtype = self.specs[key]
+        start, end = self._offsets[key]
+        size = _itemsize(dtype)
+        if len(positions) * 4 >= _numel(shape):          # most of a small tensor: read it whole
+            whole = self.get(key).reshape(-1)
+            return whole[torch.tensor(positions, dtype=torch.int64)] if positions else whole[:0]
+        chunks = bytearray()
+        with open(self.path, "rb") as fh:
+            for pos in positions:
+                offset = self._data_start + start + pos * size
+                if not 0 <= pos * size < end - start:
+                    raise IndexError(f"position {pos} is outside tensor {key!r}")
+                chunks += os.pread(fh.fileno(), size, offset)
+        if len(chunks) != len(positions) * size:
+            raise ModelError(f"tensor {key!r} is cut short", where=str(self.path),
+                             fix="the file is truncated; copy or export it again")
+        return torch.frombuffer(chunks, dtype=dtype) if chunks else torch.empty(0, dtype=dtype)
+
+
+class StoredTensor:
+    """A tensor in a safetensors file, known by shape and dtype; ``sample`` reads only
+    the elements asked for (what a base fingerprint needs of a multi-GB tensor)."""
+
+    def __init__(self, reader: SafetensorsReader, key: str):
+        self.reader, self.key = reader, key
+        self.shape, self.dtype = reader.specs[key]
+
+    def sample(self, positions: list[int]) -> torch.Tensor:
+        return self.reader.read_elements(self.key, positions)
+
 
 class SafetensorsWriter:
     """Writes tensors to a .safetensors file in a fixed order, one at a time.

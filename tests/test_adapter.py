@@ -9,8 +9,10 @@ refuses a different base; PEFT reads what lora-cli writes and the other way roun
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,11 +22,14 @@ from torch import nn
 
 from conftest import (DIM, N_LAYER, TinyLMWithInputEmbeddings, ids, perturb_lora, tiny_gpt2, tiny_lm)
 from lora_cli import __version__, apply_lora, load_adapter, read_adapter, save_adapter
-from lora_cli.adapter import CONFIG_NAME, PREFIX, WEIGHTS_NAME, Adapter, adapter_tensors
+from lora_cli.adapter import (CONFIG_NAME, PREFIX, SAMPLES, WEIGHTS_NAME, Adapter, adapter_tensors, fingerprint,
+                              fingerprint_mismatches, sample_elements, sample_positions)
 from lora_cli.errors import AdapterError, TargetError
 from lora_cli.inject import get_spec, lora_layers
 from lora_cli.merge import merge_adapter
 
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests/fixtures/lora-cli-0.1.0"
 TARGETS = ["q_proj", "v_proj", "down_proj", "embed_tokens"]
 LINEAR = [f"layers.{i}.self_attn.{leaf}" for i in range(N_LAYER) for leaf in ("q_proj", "v_proj")] \
     + [f"layers.{i}.mlp.down_proj" for i in range(N_LAYER)]
@@ -154,7 +159,7 @@ def test_adapter_config_fields(saved):
     assert meta["version"] == __version__
     assert meta["modules"] == {"embed_tokens": "embedding", **{p: "linear" for p in LINEAR}}
     fp = meta["fingerprint"]
-    assert set(fp) == {"digest", "tensors"}
+    assert set(fp) == {"scheme", "digest", "tensors"} and fp["scheme"] == 2
     assert set(fp["tensors"]) == set(tiny_lm().state_dict())           # base tensors only, no LoRA
     assert fp["tensors"]["lm_head.weight"].endswith("|-")              # trained: shape and dtype only
     assert fp["tensors"]["layers.0.self_attn.q_proj.bias"].endswith("|-")
@@ -283,10 +288,101 @@ def test_one_changed_frozen_weight_is_refused_but_changed_trained_tensors_are_no
         load_adapter(base, directory)
 
 
-def test_a_base_in_another_dtype_is_refused(saved):
+def test_the_same_base_in_another_float_dtype_is_accepted(saved):
+    """A base saved in bfloat16 and loaded in float32 (or the other way) is the same base;
+    a different base stays refused in any dtype."""
     _, directory = saved
-    with pytest.raises(AdapterError, match="dtype differ"):
-        load_adapter(tiny_lm(0).to(torch.float64), directory)
+    load_adapter(tiny_lm(0).to(torch.float64), directory)
+    load_adapter(tiny_lm(0).to(torch.bfloat16), directory)
+    with pytest.raises(AdapterError, match="values differ"):
+        load_adapter(tiny_lm(1).to(torch.bfloat16), directory)
+
+
+def test_an_integer_tensor_where_the_base_had_floats_is_refused():
+    want = fingerprint([("w", torch.zeros(4))])
+    problems = fingerprint_mismatches(want, [("w", torch.zeros(4, dtype=torch.int64))])
+    assert problems and "dtype differ" in problems[0]
+
+
+@pytest.mark.parametrize("numel", [1, 1023, 1024, 1025, 2**24 - 1, 2**24 + 1, 28311552, 2**31 + 7, 2**40 + 3])
+def test_sampled_positions_are_exact_for_any_size(numel):
+    pos = sample_positions(numel)
+    assert len(pos) == min(numel, SAMPLES) and all(isinstance(p, int) for p in pos)
+    assert pos[0] == 0 and pos[-1] == numel - 1
+    assert all(a < b for a, b in zip(pos, pos[1:]))              # strictly increasing: inside the tensor
+
+
+def test_sampling_a_huge_strided_tensor_reads_only_the_samples():
+    """2**32 x 7 elements, none allocated (an expanded view): the samples are gathered
+    at the right places without materialising a copy."""
+    t = torch.arange(7, dtype=torch.bfloat16).expand(2**16, 2**16, 7)
+    assert not t.is_contiguous() and t.numel() > 2**31
+    pos = sample_positions(t.numel())
+    got = sample_elements(t, pos)
+    assert got.dtype == torch.bfloat16 and got.tolist() == [float(p % 7) for p in pos]
+    assert fingerprint([("t", t)])["tensors"]["t"].startswith("65536x65536x7|bfloat16|")
+
+
+def _sparse_safetensors(path, key, shape, dtype_code, fill=None):
+    """A safetensors file whose data region is a sparse hole (reads as zeros), with
+    optional bytes written at given offsets: a huge tensor on disk for free."""
+    import struct
+    itemsize = {"U8": 1, "BF16": 2, "F32": 4}[dtype_code]
+    nbytes = itemsize
+    for s in shape:
+        nbytes *= s
+    header = json.dumps({key: {"dtype": dtype_code, "shape": list(shape), "data_offsets": [0, nbytes]}}).encode()
+    header += b" " * (-len(header) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header)
+        for offset, data in (fill or {}).items():
+            f.seek(8 + len(header) + offset)
+            f.write(data)
+        f.truncate(8 + len(header) + nbytes)
+
+
+def test_a_stored_tensor_over_2_31_elements_is_fingerprinted_from_a_bounded_read(tmp_path, monkeypatch):
+    import lora_cli.streaming as streaming
+    numel = 2**31 + 5
+    last = numel - 1
+    _sparse_safetensors(tmp_path / "big.safetensors", "w", (numel,), "U8", fill={last: b"\x07"})
+    reader = streaming.SafetensorsReader(tmp_path / "big.safetensors")
+    read = []
+    real_pread = os.pread
+    monkeypatch.setattr(streaming.os, "pread", lambda fd, n, off: read.append(n) or real_pread(fd, n, off))
+    record = fingerprint(reader.stored())["tensors"]["w"]
+    assert sum(read) == SAMPLES                                   # one byte per sampled element
+    values = reader.read_elements("w", sample_positions(numel))
+    assert values[-1].item() == 7 and values[:-1].eq(0).all()     # the very last element was read
+    assert record.startswith(f"{numel}|uint8|")
+
+
+def test_a_bfloat16_base_on_disk_matches_its_float32_load(tmp_path):
+    """lora-train loads a bfloat16 model directory in float32; lora-merge reads the
+    bfloat16 file: both must give the same fingerprint, also past 2**24 elements."""
+    from safetensors.torch import save_file as save
+    from lora_cli.streaming import SafetensorsReader
+    big = torch.randn(4097, 4097, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)   # > 2**24
+    small = torch.randn(3, 5).to(torch.bfloat16)
+    save({"big": big, "small": small}, tmp_path / "b.safetensors")
+    on_disk = fingerprint(SafetensorsReader(tmp_path / "b.safetensors").stored())
+    in_memory = fingerprint([("big", big.float()), ("small", small.float())])
+    assert fingerprint_mismatches(on_disk, [("big", big.float()), ("small", small.float())]) == []
+    assert [r.split("|")[2] for r in on_disk["tensors"].values()] == \
+        [r.split("|")[2] for r in in_memory["tensors"].values()]
+
+
+def test_an_adapter_written_by_lora_cli_0_1_still_verifies_its_base():
+    """Old fingerprints (scheme 1: float32 linspace positions, raw bytes) keep working."""
+    from lora_cli.streaming import SafetensorsReader
+    adapter = read_adapter(FIXTURES / "adapter")
+    recorded = adapter.meta["fingerprint"]
+    assert "scheme" not in recorded
+    base = SafetensorsReader(ROOT / "data/quickstart/base.safetensors")
+    assert fingerprint_mismatches(recorded, base.stored()) == []
+    assert fingerprint_mismatches(recorded, base) == []              # the same from loaded tensors
+    other = [(k, t + 1) for k, t in base]
+    assert fingerprint_mismatches(recorded, other)
 
 
 def test_loading_into_a_mis_shaped_module_is_refused(saved):
