@@ -202,13 +202,15 @@ def merge_command(
     weights: Optional[List[str]] = typer.Option(None, "--weights", help="One weight per adapter (default 1 each): "
                                                 "--weights 0.7 0.3, or 0.7,0.3.", show_default=False),
     verify: bool = typer.Option(False, "--verify", help="Check merged outputs against base+adapter on held-out data."),
+    data: Optional[str] = typer.Option(None, "--data", help="Inputs for --verify (default: the data the adapter "
+                                       "names)."),
     ignore_fingerprint: bool = typer.Option(False, "--ignore-fingerprint",
                                             help="Merge even if the base differs from the adapter's."),
 ) -> None:
     """Fold LoRA adapters into base weights: W' = W + weight * (alpha/r) * B @ A."""
     from .adapter import read_adapter
     from .console import show_merge, show_verification
-    from .evaluate import verify_merge
+    from .evaluate import prepare_verification, verify_merge
     from .merge import merge_checkpoint
 
     adapters, factors = _split_weights(adapters, weights)
@@ -218,11 +220,12 @@ def merge_command(
         raise UserError("--verify checks one adapter at weight 1", where="--verify",
                         fix="merge and verify adapters one at a time")
     loaded = [read_adapter(a) for a in adapters]
+    check = prepare_verification(adapters[0], base, data=data) if verify else None   # before writing
     report = merge_checkpoint(base, loaded, output, weights=factors, dtype=dtype, force=force,
                               check_base=not ignore_fingerprint)
     show_merge(report)
-    if verify:
-        result = verify_merge(adapters[0], base, report.output)
+    if check is not None:
+        result = verify_merge(check, report.output)
         show_verification(result)
         if not result.ok:
             raise typer.Exit(1)
@@ -259,6 +262,8 @@ def eval_command(
     data: Optional[str] = typer.Option(None, "--data", help="Held-out file (default: the config's eval data)."),
     merged: Optional[str] = typer.Option(None, "--merged", help="Evaluate this merged checkpoint instead of "
                                          "base+adapter."),
+    base: Optional[str] = typer.Option(None, "--base", help="The base weights (or model directory), when they "
+                                       "are no longer where the adapter says."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Examples per batch."),
     ignore_fingerprint: bool = typer.Option(False, "--ignore-fingerprint",
@@ -268,7 +273,8 @@ def eval_command(
     from .console import show_comparison, show_json
     from .evaluate import compare
 
-    result = compare(source, data=data, merged=merged, batch_size=batch_size, check_base=not ignore_fingerprint)
+    result = compare(source, data=data, merged=merged, base=base, batch_size=batch_size,
+                     check_base=not ignore_fingerprint)
     if as_json:
         show_json(result.as_dict())
     else:

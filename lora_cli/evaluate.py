@@ -180,11 +180,11 @@ class Comparison:
                 "delta": self.delta()}
 
 
-def _source(source: str | os.PathLike):
+def _source(source: str | os.PathLike, *, base: str | None = None, data: str | None = None):
     """(config, adapter) from an adapter path, or from a training config and its output."""
     from .adapter import read_adapter
     from .config import load_config
-    from .pipeline import config_from_adapter
+    from .pipeline import config_from_adapter, with_base
 
     source = Path(source)
     if source.is_file() and source.suffix in (".yaml", ".yml"):
@@ -193,22 +193,24 @@ def _source(source: str | os.PathLike):
         if not adapter_dir.exists():
             raise UserError("the config's run has no adapter yet", where=str(adapter_dir),
                             fix=f"run lora-train {source} first, or pass the adapter directory")
-        return cfg, read_adapter(adapter_dir)
+        return (with_base(cfg, base) if base else cfg), read_adapter(adapter_dir)
     adapter = read_adapter(source)
-    return config_from_adapter(adapter), adapter
+    return config_from_adapter(adapter, base=base, data=data), adapter
 
 
 def compare(source: str | os.PathLike, *, data: str | None = None, merged: str | None = None,
-            batch_size: int | None = None, check_base: bool = True) -> Comparison:
+            base: str | None = None, batch_size: int | None = None, check_base: bool = True) -> Comparison:
     """Evaluate the base model and base+adapter (or a merged checkpoint) on held-out data.
 
     ``source`` is an adapter directory / .safetensors file (the model is rebuilt from
     its saved metadata) or a training config (its output_dir's adapter is used).
+    ``base`` is the base's weights (or model directory) when they are no longer where
+    the adapter says.
     """
     from .adapter import load_adapter
     from .pipeline import autocast_for, batches, build_base, load_heldout, resolve_device, search_path_of
 
-    cfg, adapter = _source(source)
+    cfg, adapter = _source(source, base=base, data=data)
     meta = adapter.meta
     held = load_heldout(cfg, data, label_map=meta.get("label_map"), features=meta.get("features"))
     device = resolve_device(cfg.device)
@@ -252,41 +254,70 @@ class Verification:
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-6, torch.bfloat16: 5e-2, torch.float16: 5e-3}
 
 
-@torch.no_grad()
-def verify_merge(adapter_path: str | os.PathLike, base: str | os.PathLike, merged: str | os.PathLike, *,
-                 data: str | None = None, max_batches: int = 4, batch_size: int = 8) -> Verification:
-    """Run a few held-out batches through base+adapter and through the merged weights.
+@dataclass
+class VerifyInputs:
+    """What ``lora-merge --verify`` needs, gathered before anything is merged, so that a
+    missing piece (no held-out data, say) stops the command before it writes."""
 
-    The tolerance is relative to the outputs' scale and looser for a merged checkpoint
-    saved in a lower precision than the base.
-    """
-    from .adapter import load_adapter, read_adapter
-    from .pipeline import batches, build_base, config_from_adapter, load_heldout, search_path_of
-    from .streaming import SafetensorsReader
+    cfg: object
+    adapter: object
+    held: object
+    base: str
+
+
+def prepare_verification(adapter_path: str | os.PathLike, base: str | os.PathLike, *,
+                         data: str | None = None) -> VerifyInputs:
+    """Read the adapter, rebuild its config for ``base`` and load the inputs: ``data``,
+    else the data the adapter names (its eval file, else its training file: any inputs
+    tell whether two models compute the same function)."""
+    from .adapter import read_adapter
+    from .pipeline import config_from_adapter, load_heldout
 
     adapter = read_adapter(adapter_path)
-    cfg = config_from_adapter(adapter)
+    cfg = config_from_adapter(adapter, base=base, data=data)
     meta = adapter.meta
-    try:
-        held = load_heldout(cfg, data, label_map=meta.get("label_map"), features=meta.get("features"))
-    except UserError:
-        held = load_heldout(cfg, cfg.data.train, label_map=meta.get("label_map"), features=meta.get("features"))
+    held = load_heldout(cfg, data, label_map=meta.get("label_map"), features=meta.get("features"), any_split=True)
+    return VerifyInputs(cfg=cfg, adapter=adapter, held=held, base=str(base))
+
+
+def stored_float_dtypes(path: str | os.PathLike) -> set[torch.dtype]:
+    """The floating dtypes a weights file (or model directory) stores its tensors in."""
+    from .models import read_state_dict
+    from .streaming import SafetensorsReader, shard_files
+
+    path = Path(path)
+    if path.is_dir() or path.suffix == ".safetensors":
+        files = shard_files(path) if path.is_dir() else [path]
+        dtypes = {d for f in files for _, d in SafetensorsReader(f).specs.values()}
+    else:
+        dtypes = {t.dtype for t in read_state_dict(path).values()}
+    return {d for d in dtypes if d.is_floating_point}
+
+
+@torch.no_grad()
+def verify_merge(inputs: VerifyInputs, merged: str | os.PathLike, *, max_batches: int = 4,
+                 batch_size: int = 8) -> Verification:
+    """Run a few batches through base+adapter and through the merged weights.
+
+    The tolerance is relative to the outputs' scale and looser for a merged checkpoint
+    stored in a lower precision than float32.
+    """
+    from .adapter import load_adapter
+    from .pipeline import batches, build_base, search_path_of
+
+    cfg, adapter, held = inputs.cfg, inputs.adapter, inputs.held
     search = search_path_of(adapter)
-    adapted, _, _ = build_base(cfg, held, search_path=search, weights=str(base))
+    adapted, _, _ = build_base(cfg, held, search_path=search, weights=inputs.base)
     load_adapter(adapted, adapter, check_base=False)
     merged_model, _, _ = build_base(cfg, held, search_path=search, weights=str(merged))
     adapted.eval()
     merged_model.eval()
-    merged = Path(merged)
-    if merged.suffix == ".safetensors":
-        dtypes = {d for _, d in SafetensorsReader(merged).specs.values() if d.is_floating_point}
-    else:
-        dtypes = {p.dtype for p in merged_model.parameters()}
+    dtypes = stored_float_dtypes(merged)
     tol = max(TOLERANCE.get(d, 1e-4) for d in dtypes) if dtypes else 1e-4
     pad = held.tokenizer.pad_id if held.tokenizer is not None else None
     worst, scale, n = 0.0, 1.0, 0
-    for inputs, _ in batches(held.eval, torch.arange(len(held.eval)), batch_size, pad):
-        a, b = forward(adapted, inputs).float(), forward(merged_model, inputs).float()
+    for x, _ in batches(held.eval, torch.arange(len(held.eval)), batch_size, pad):
+        a, b = forward(adapted, x).float(), forward(merged_model, x).float()
         worst = max(worst, float((a - b).abs().max()))
         scale = max(scale, float(a.abs().max()))
         n += 1

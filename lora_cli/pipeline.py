@@ -8,9 +8,11 @@ needed to walk it again without the original config.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from dataclasses import replace as dc_replace
 from pathlib import Path
 
 import torch
@@ -113,18 +115,32 @@ def load_data(cfg: Config) -> Datasets:
 
 
 def load_heldout(cfg: Config, path: str | None = None, *, label_map: dict | None = None,
-                 features: list[str] | None = None) -> Datasets:
+                 features: list[str] | None = None, any_split: bool = False) -> Datasets:
     """Held-out data for evaluation: ``path``, else the config's eval file, else its
-    validation split of the training file (the same rows training held out)."""
+    validation split of the training file (the same rows training held out). With
+    ``any_split`` (inputs for comparing two models, not for scoring one) the training
+    file itself is the last resort.
+
+    Files the config names but that are gone (an adapter copied to another machine) are
+    skipped; when nothing is left the error says to pass ``--data``.
+    """
     tok = make_tokenizer(cfg)
-    if path or cfg.data.eval:
-        held = read_split(cfg, path or cfg.data.eval, tokenizer=tok, label_map=label_map, features=features)
-    elif cfg.data.val_split and cfg.data.train:
-        train = read_split(cfg, cfg.data.train, tokenizer=tok, label_map=label_map, features=features)
-        held = datalib.split(train, cfg.data.val_split, cfg.seed)[1]
+    d = cfg.data
+    read = functools.partial(read_split, cfg, tokenizer=tok, label_map=label_map, features=features)
+    recorded = [f for f in (d.eval, d.train) if f]
+    if path:
+        held = read(path)
+    elif d.eval and os.path.isfile(d.eval):
+        held = read(d.eval)
+    elif d.val_split and d.train and os.path.isfile(d.train):
+        held = datalib.split(read(d.train), d.val_split, cfg.seed)[1]
+    elif any_split and d.train and os.path.isfile(d.train):
+        held = read(d.train)
     else:
-        raise UserError("no held-out data: the config has neither data.eval nor data.val_split",
-                        fix="pass --data FILE with held-out examples")
+        gone = [f for f in recorded if not os.path.isfile(f)]
+        what = (f"the held-out data the adapter names is not found ({', '.join(gone)})" if gone else
+                "no held-out data: neither data.eval nor data.val_split is set")
+        raise UserError(what, fix="pass --data FILE with held-out examples in the training data's format")
     label_map = label_map or getattr(held, "label_map", None)
     return Datasets(None, held, tokenizer=tok, label_map=label_map, features=features)
 
@@ -132,22 +148,54 @@ def load_heldout(cfg: Config, path: str | None = None, *, label_map: dict | None
 PEFT_TASKS = {"CAUSAL_LM": "causal_lm", "SEQ_CLS": "classification"}
 
 
-def config_from_adapter(adapter: Adapter) -> Config:
+def config_from_adapter(adapter: Adapter, *, base: str | os.PathLike | None = None,
+                        data: str | None = None) -> Config:
     """The config an adapter was trained with, as saved in its metadata; for a PEFT
-    adapter of a Hugging Face model, one rebuilt from its base path and task type."""
+    adapter of a Hugging Face model, one rebuilt from its base path and task type.
+
+    ``base`` replaces the base it names (model.base, or model.hf for a model directory):
+    the adapter may have been copied from another machine. ``data`` is the held-out file
+    the caller will read; a PEFT adapter records none, so it becomes the config's data.
+    """
     meta = adapter.meta
     if "config" in meta:
-        data = dict(meta["config"])
-        data["model"] = {**data["model"], "args": meta.get("model_args", data["model"].get("args", {}))}
-        return config_from_dict(data, source=f"{adapter.source} (saved config)", check_files=False)
-    base, task = adapter.config.get("base_model_name_or_path"), PEFT_TASKS.get(adapter.config.get("task_type"))
-    if not base or not task or not Path(base).is_dir():
-        raise UserError("this adapter has no lora-cli metadata, and its base_model_name_or_path/task_type do "
-                        "not name a local model directory and a causal_lm or classification task",
-                        where=adapter.source, fix="pass a training config (model.hf: <dir>) instead of the adapter")
-    data = {"task": task, "model": {"hf": base}, "data": {"train": "(unused).jsonl"},
-            "lora": {"rank": adapter.config.get("r", 8), "alpha": adapter.config.get("lora_alpha", 8)}}
-    return config_from_dict(data, source=f"{adapter.source} (from its PEFT config)", check_files=False)
+        values = dict(meta["config"])
+        values["model"] = {**values["model"], "args": meta.get("model_args", values["model"].get("args", {}))}
+        source = f"{adapter.source} (saved config)"
+    else:
+        hf_base = str(base) if base else adapter.config.get("base_model_name_or_path")
+        task = PEFT_TASKS.get(adapter.config.get("task_type"))
+        if not hf_base or not task or not Path(hf_base).is_dir():
+            raise UserError("this adapter has no lora-cli metadata, and its base_model_name_or_path/task_type do "
+                            "not name a local model directory and a causal_lm or classification task",
+                            where=adapter.source,
+                            fix="pass the base model directory (lora-eval --base DIR), or a training config "
+                                "(model.hf: DIR) instead of the adapter")
+        if not data:
+            raise UserError("this adapter records no data to evaluate on (it was written by another tool)",
+                            where=adapter.source, fix="pass --data FILE with held-out examples (.jsonl)")
+        values = {"task": task, "model": {"hf": hf_base}, "data": {"train": data},
+                  "lora": {"rank": adapter.config.get("r", 8), "alpha": adapter.config.get("lora_alpha", 8)}}
+        source = f"{adapter.source} (from its PEFT config)"
+    cfg = config_from_dict(values, source=source, check_files=False)
+    if base:
+        return with_base(cfg, base)
+    recorded = cfg.model.hf or cfg.model.base
+    if recorded and not os.path.exists(recorded):
+        raise UserError(f"the base model the adapter was trained on is not found at {recorded}",
+                        where=adapter.source, fix="pass --base with its weights file or model directory")
+    return cfg
+
+
+def with_base(cfg: Config, base: str | os.PathLike) -> Config:
+    """``cfg`` with its base weights (or Hugging Face model directory) at ``base``."""
+    base = str(base)
+    if cfg.model.hf:
+        if not Path(base).is_dir():
+            raise UserError("a Hugging Face model's base is a model directory", where=base,
+                            fix="pass the directory that holds config.json and the weights")
+        return dc_replace(cfg, model=dc_replace(cfg.model, hf=base))
+    return dc_replace(cfg, model=dc_replace(cfg.model, base=base))
 
 
 def search_path_of(adapter: Adapter) -> str | None:
