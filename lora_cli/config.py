@@ -124,6 +124,9 @@ class TrainSection:
     keep_last: int | None = _field(3, "Keep only the newest this many checkpoints; null keeps all (>= 1).")
     resume: str = _field("never", "never, or auto: continue from the newest checkpoint in output_dir if any.")
     on_nan: str = _field("stop", "On a non-finite loss or gradient: stop, or skip that step.")
+    num_threads: int | None = _field(
+        None, "CPU threads for torch's intra-op work, per worker (>= 1); null: the cores this process may use "
+        "(its CPU affinity, or OMP_NUM_THREADS), shared among the workers of this machine.")
     strategy: str = _field(
         "ddp", "With several workers (--nproc-per-node N, or torchrun): ddp gives each a whole model and "
         "averages the adapter's gradients; fsdp also splits the frozen base across them. "
@@ -195,6 +198,7 @@ _RULES: dict[str, Rule] = {
     "train.keep_last": Rule(min=1),
     "train.resume": Rule(choices=("never", "auto")),
     "train.on_nan": Rule(choices=("stop", "skip")),
+    "train.num_threads": Rule(min=1, max=4096),
 }
 _DATA_SUFFIXES = {"regression": (".csv", ".jsonl"), "classification": (".csv", ".jsonl"),
                   "causal_lm": (".txt", ".jsonl")}

@@ -19,10 +19,11 @@ err = Console(stderr=True, highlight=False)
 
 
 def _size(n: int | None) -> str:
+    """Bytes in binary units: 1 KiB = 1024 B, 1 MiB = 1024 KiB."""
     if n is None:
         return "-"
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return str(n)
@@ -89,9 +90,22 @@ def show_plan(plan) -> None:
     if isinstance(d.train, datalib.TextData) and d.tokenizer is not None and hasattr(d.tokenizer, "decode"):
         show_example(d.train, d.tokenizer)
     workers = f"{plan.world.size} workers ({plan.world.strategy}), " if plan.world.distributed else ""
-    out.print(f"{workers}device {plan.device}, dtype {plan.cfg.dtype}; {describe_batch(plan)}; "
+    out.print(f"{workers}device {plan.device}{_threads(plan)}, dtype {plan.cfg.dtype}; {describe_batch(plan)}; "
               f"{plan.steps_per_epoch} steps per epoch, {plan.total_steps} steps in all "
-              f"({plan.epochs} epoch{'s' if plan.epochs != 1 else ''})")
+              f"({_epochs(plan.total_steps / plan.steps_per_epoch)})", soft_wrap=True)
+
+
+def _threads(plan) -> str:
+    """', 2 threads' on a CPU (per worker when there are several)."""
+    if plan.device.type != "cpu":
+        return ""
+    return f", {plan.threads} thread{'s' if plan.threads != 1 else ''}{' each' if plan.world.distributed else ''}"
+
+
+def _epochs(n: float) -> str:
+    """'1 epoch', '6 epochs', '2.4 epochs': never rounded up."""
+    text = f"{n:.0f}" if float(n).is_integer() else f"{n:.3g}" if n >= 0.01 else f"{n:.2g}"
+    return f"{text} epoch{'' if text == '1' else 's'}"
 
 
 def describe_batch(plan) -> str:
@@ -136,8 +150,8 @@ class ProgressReporter:
         self.epochs = plan.epochs
         for note in plan.built.notes:
             show_note(note)
-        where = f"{plan.world.size} workers ({plan.world.strategy}, rank 0 on {plan.device})" \
-            if plan.world.distributed else str(plan.device)
+        where = f"{plan.world.size} workers ({plan.world.strategy}, rank 0 on {plan.device}{_threads(plan)})" \
+            if plan.world.distributed else f"{plan.device}{_threads(plan)}"
         self.console.print(f"training {plan.total_steps} steps on {where}, {describe_batch(plan)} "
                            f"({plan.summary.trainable:,} trainable parameters, {plan.summary.percent:.3f}%)")
         if self.live:
@@ -180,7 +194,10 @@ def show_train_result(result) -> None:
     s = result.summary
     table.add_row("trainable", f"{s.trainable:,} of {s.total:,} parameters ({s.percent:.3f}%)")
     table.add_row("adapter", f"{result.adapter_dir} ({_size(result.adapter_bytes)}; base {_size(result.base_bytes)})")
-    table.add_row("steps", f"{result.steps} ({result.epochs:.2f} epochs) in {result.seconds:.1f} s")
+    aside = [f"evaluation {result.eval_seconds:.1f} s"] if result.eval_seconds else []
+    aside += [f"checkpoints {result.checkpoint_seconds:.1f} s"] if result.checkpoint_seconds else []
+    table.add_row("steps", f"{result.steps} ({result.epochs:.2f} epochs) in {result.seconds:.1f} s: training "
+                  f"{result.train_seconds:.1f} s" + "".join(f", {a}" for a in aside))
     if result.world.distributed:
         traffic = f"{_size(result.gradient_bytes)} of adapter gradients per step"
         if result.world.strategy == "fsdp":

@@ -73,8 +73,8 @@ def explain(failures: list[Failure], nproc: int, resume: str | None = None) -> t
 
 def worker_threads(nproc: int) -> int:
     """CPU threads per worker: the cores this process may use, shared out, at least one."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // nproc)
+    from .pipeline import available_cores
+    return max(1, available_cores() // nproc)
 
 
 def launch(args: list[str], nproc: int, resume: Callable[[], str | None] = lambda: None

@@ -73,6 +73,23 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, which a container or
+    ``taskset`` may set below the machine's count), at least one."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def cpu_threads(configured: int | None = None) -> int:
+    """Intra-op threads for torch: ``configured`` (train.num_threads), else
+    OMP_NUM_THREADS when set (``--nproc-per-node`` sets it to cores / workers), else every
+    available core. torch's own default counts the machine's cores, not the ones this
+    process may use, and oversubscribes a container."""
+    if configured:
+        return int(configured)
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    return int(env) if env.isdigit() and int(env) > 0 else available_cores()
+
+
 def autocast_for(device: torch.device, dtype: str):
     """A factory of autocast contexts: matmuls in ``dtype``, LoRA weights kept float32."""
     if dtype == "float32":

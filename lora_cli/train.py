@@ -41,7 +41,7 @@ from .evaluate import evaluate, forward, ignore_rows, loss_fn, loss_items
 from .files import remove, write_atomic
 from .fused import shared_dropout
 from .inject import AdaptSummary, summarize
-from .pipeline import Built, adapter_metadata, autocast_for, batches, build, peft_fields, resolve_device
+from .pipeline import Built, adapter_metadata, autocast_for, batches, build, cpu_threads, peft_fields, resolve_device
 
 OWNED = ("adapter", "config.yaml", "metrics.jsonl", ckpt.DIRNAME)   # what a run writes into output_dir
 
@@ -76,8 +76,9 @@ class Plan:
     summary: AdaptSummary
     steps_per_epoch: int
     total_steps: int
-    epochs: int
+    epochs: int                 # epochs the run touches (the last may be partial)
     world: World = SINGLE
+    threads: int = 1            # torch's intra-op CPU threads on this worker
 
     @property
     def unit(self) -> str:
@@ -97,7 +98,7 @@ class TrainResult:
     adapter_dir: Path
     steps: int
     epochs: float
-    seconds: float
+    seconds: float              # the whole loop: training steps, evaluations and checkpoints
     train_loss: float | None
     eval_base: dict | None
     eval_final: dict | None
@@ -109,6 +110,13 @@ class TrainResult:
     global_batch: int = 0
     gradient_bytes: int = 0     # per worker and optimizer step, sent into the gradient exchange
     weight_bytes: int = 0       # the model's parameters (fsdp gathers them in each forward and backward)
+    eval_seconds: float = 0.0   # of ``seconds``, spent evaluating (the base's evaluation included)
+    checkpoint_seconds: float = 0.0   # of ``seconds``, spent writing checkpoints
+
+    @property
+    def train_seconds(self) -> float:
+        """Of ``seconds``, spent in training steps."""
+        return self.seconds - self.eval_seconds - self.checkpoint_seconds
 
 
 def global_batch(cfg: Config, workers: int) -> int:
@@ -119,13 +127,15 @@ def plan(cfg: Config, *, search_path: str | os.PathLike | None = None, world: Wo
     """Build everything a run needs and work out its length; nothing is written.
 
     An epoch is ceil(n / global batch) optimizer steps, whatever the number of workers.
+    torch's intra-op threads are set for the process as train.num_threads says.
     """
+    torch.set_num_threads(cpu_threads(cfg.train.num_threads))
     built = build(cfg, search_path=search_path)
     device = dist.worker_device(resolve_device(cfg.device), world)
     per_epoch = math.ceil(len(built.data.train) / global_batch(cfg, world.size))
     total = cfg.train.max_steps or cfg.train.epochs * per_epoch
     return Plan(cfg=cfg, built=built, device=device, summary=summarize(built.model), steps_per_epoch=per_epoch,
-                total_steps=total, epochs=math.ceil(total / per_epoch), world=world)
+                total_steps=total, epochs=math.ceil(total / per_epoch), world=world, threads=torch.get_num_threads())
 
 
 def make_optimizer(cfg: Config, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -183,7 +193,8 @@ class Interrupted(Exception):
 # Config fields a resumed run may change; any other change is refused. grad_accum changes
 # with the number of workers, so that the global batch stays the checkpoint's.
 RESUMABLE_CHANGES = ("device", "train.epochs", "train.max_steps", "train.log_every", "train.eval_every",
-                     "train.save_every", "train.keep_last", "train.resume", "train.on_nan", "train.strategy")
+                     "train.save_every", "train.keep_last", "train.resume", "train.on_nan", "train.strategy",
+                     "train.num_threads")
 
 
 def resume_config(info: dict, cfg: Config, workers: int, where: Path) -> tuple[Config, list[str]]:
@@ -320,7 +331,8 @@ def train(cfg: Config, *, reporter: Reporter | None = None, overwrite: bool = Fa
                        eval_base=loop.eval_base, eval_final=loop.eval_final, summary=p.summary,
                        adapter_bytes=adapter_bytes, base_bytes=_size_on_disk(base) if base else None,
                        notes=p.built.notes, world=world, global_batch=p.global_batch,
-                       gradient_bytes=run.gradient_bytes, weight_bytes=run.weight_bytes)
+                       gradient_bytes=run.gradient_bytes, weight_bytes=run.weight_bytes,
+                       eval_seconds=run.eval_seconds, checkpoint_seconds=run.checkpoint_seconds)
 
 
 class _Run:
@@ -348,6 +360,7 @@ class _Run:
         self.pad = self.data.tokenizer.pad_id if self.data.tokenizer is not None else None
         self.loop = ckpt.LoopState()
         self.log = None                                     # metrics.jsonl, opened when the loop starts
+        self.eval_seconds = self.checkpoint_seconds = 0.0   # time spent beside the training steps
         torch.manual_seed(cfg.seed + world.rank)            # dropout masks differ between workers
 
     def restore(self, restored: ckpt.Restored) -> list[str]:
@@ -385,7 +398,7 @@ class _Run:
             micro = zip(batches(data.train, mine, t.batch_size, self.pad), keep.split(t.batch_size))
             while loop.step < p.total_steps:
                 group = [b for _, b in zip(range(t.grad_accum), micro)]
-                items, grad_norm, stopping = self.step(group, received)
+                items, grad_norm, lr, stopping = self.step(group, received)
                 loop.window_items += items
                 loop.step += 1
                 loop.step_in_epoch += 1
@@ -394,7 +407,7 @@ class _Run:
                     elapsed = time.perf_counter() - window_start
                     loop.last_loss = loop.window_loss / ((loop.step - 1) % t.log_every + 1)
                     row = {"step": loop.step, "epoch": round(loop.step / p.steps_per_epoch, 4),
-                           "loss": loop.last_loss, "lr": self.schedule.get_last_lr()[0], "grad_norm": grad_norm,
+                           "loss": loop.last_loss, "lr": lr, "grad_norm": grad_norm,
                            f"{p.unit}_per_s": loop.window_items / elapsed if elapsed > 0 else None}
                     if loop.skipped:
                         row["skipped_steps"] = loop.skipped
@@ -424,15 +437,17 @@ class _Run:
         return time.perf_counter() - started
 
     def step(self, group: list[tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]], received: list[int]
-             ) -> tuple[int, float, bool]:
+             ) -> tuple[int, float, float, bool]:
         """One optimizer step over ``group``'s micro-batches (this worker's share: each a
         batch and which of its rows count); its mean loss over all workers goes to the
         loop's window.
 
         Returns the step's items (rows or tokens) over all workers, the gradient norm
-        before clipping, and whether any worker received a stop signal.
+        before clipping, the learning rate the step used, and whether any worker
+        received a stop signal.
         """
         cfg, t, world, scaler = self.cfg, self.t, self.world, self.scaler
+        lr = self.optimizer.param_groups[0]["lr"]            # the schedule moves it on after this step
         group = [(x, ignore_rows(cfg.task, y, keep), keep) for (x, y), keep in group]
         n_items = max(1.0, world.sum([sum(loss_items(cfg.task, y) for _, y, _ in group)])[0])
         loss_sum, items = 0.0, 0
@@ -471,12 +486,13 @@ class _Run:
         scaler.update()
         self.schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return int(items), grad_norm, stopping > 0
+        return int(items), grad_norm, lr, stopping > 0
 
     def evaluate(self) -> dict:
         """Held-out metrics. ddp: each worker evaluates its share and the sums are added
         up; fsdp: every worker runs every batch, since each forward needs all shards."""
         world, data, loop = self.world, self.data, self.loop
+        started = time.perf_counter()
         sharded = world.distributed and world.strategy == "ddp"
         order = torch.arange(len(data.eval))
         mine = dist.shard(order, world) if sharded else order
@@ -486,6 +502,7 @@ class _Run:
         row = {"step": loop.step, "epoch": round(loop.step / self.p.steps_per_epoch, 4),
                **{f"eval_{k}": v for k, v in metrics.items() if k not in ("confusion", "n")}}
         self.write_row(row)
+        self.eval_seconds += time.perf_counter() - started
         self.reporter.evaluated(row)
         loop.last_eval_step = loop.step
         return metrics
@@ -501,14 +518,17 @@ class _Run:
         return {k: tensors[n] for k, n in self.keys.items()}
 
     def checkpoint(self) -> Path:
+        started = time.perf_counter()
         tensors = self.adapter_tensors()
         state = {"optimizer": dist.full_optimizer_state(self.optimizer), "schedule": self.schedule.state_dict(),
                  "scaler": self.scaler.state_dict(), "rng": self.world.gather(ckpt.rng_state()),
                  "loop": dict(self.loop.__dict__)}
-        return self.world.on_main(lambda: ckpt.save_checkpoint(
+        path = self.world.on_main(lambda: ckpt.save_checkpoint(
             self.out, step=self.loop.step, epoch=self.loop.epoch, adapter_config=self.adapter_config,
             adapter_tensors=tensors, state=state, config=self.saved_config, workers=self.world.size,
             keep_last=self.t.keep_last))
+        self.checkpoint_seconds += time.perf_counter() - started
+        return path
 
     def save_adapter(self) -> tuple[Path, int]:
         """Write output_dir/adapter; its path and size in bytes."""

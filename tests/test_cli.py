@@ -208,3 +208,56 @@ def test_a_rank_beyond_the_layer_is_noted(regression_run: Path):
     result = invoke("train", "config.yaml", "lora.rank=8", "lora.target_modules=[head]", "--dry-run")
     assert result.exit_code == 0, result.output
     assert "lora.rank 8 is above what 'head'" in result.output and "rank at most 1" in result.output
+
+
+# --- what is logged is what happened ---------------------------------------------------
+
+def test_the_logged_lr_is_the_one_each_step_used(regression_run: Path):
+    from lora_cli.train import lr_factor
+    result = invoke("train", "config.yaml", "train.max_steps=6", "train.warmup_steps=3", "train.log_every=1",
+                    "train.scheduler=linear")
+    assert result.exit_code == 0, result.output
+    logged = [r["lr"] for r in rows(regression_run / "run" / "metrics.jsonl") if "lr" in r]
+    used = [0.02 * lr_factor(s, total=6, warmup=3, kind="linear") for s in range(6)]   # step s+1 uses factor(s)
+    assert logged == pytest.approx(used) and logged[0] == pytest.approx(0.02 / 4)
+
+
+def test_sizes_are_binary_units_named_as_such():
+    from lora_cli.console import _size
+    assert [_size(n) for n in (512, 1536, 3 * 2**20, 5 * 2**30)] == ["512 B", "1.5 KiB", "3.0 MiB", "5.0 GiB"]
+
+
+def test_the_summary_separates_training_from_evaluation(regression_run: Path):
+    from lora_cli.config import load_config
+    from lora_cli.train import train
+    result = train(load_config("config.yaml", ["train.max_steps=8", "train.eval_every=2"]))
+    assert result.eval_seconds > 0 and result.checkpoint_seconds == 0
+    assert result.train_seconds == pytest.approx(result.seconds - result.eval_seconds)
+    shown = invoke("train", "config.yaml", "train.max_steps=4", "output_dir=again")
+    assert shown.exit_code == 0 and "training " in shown.output and "evaluation " in shown.output
+
+
+def test_the_dry_run_does_not_round_epochs_up(regression_run: Path):
+    result = invoke("train", "config.yaml", "--dry-run", "train.max_steps=10")   # 4 steps per epoch
+    assert result.exit_code == 0, result.output
+    assert "10 steps in all (2.5 epochs)" in result.output
+    assert "(1 epoch)" in invoke("train", "config.yaml", "--dry-run", "train.max_steps=4").output
+
+
+@pytest.mark.parametrize("setting, env, expected", [("train.num_threads=1", None, 1), (None, "1", 1), (None, None, None)])
+def test_threads_follow_the_config_then_omp_then_the_cores_this_process_may_use(regression_run, monkeypatch,
+                                                                                setting, env, expected):
+    from lora_cli.pipeline import available_cores
+    if env is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", env)
+    before = torch.get_num_threads()
+    try:
+        result = invoke("train", "config.yaml", "--dry-run", *([setting] if setting else []))
+        assert result.exit_code == 0, result.output
+        want = expected or available_cores()
+        assert torch.get_num_threads() == want
+        assert f"device cpu, {want} thread{'s' if want != 1 else ''}," in result.output
+    finally:
+        torch.set_num_threads(before)
