@@ -119,8 +119,11 @@ def describe_batch(plan) -> str:
 
 
 def show_example(data, tokenizer) -> None:
-    """The first training example as the model sees it: the trained part between ⟦ ⟧."""
+    """The first training example as the model sees it: the trained part between ⟦ ⟧,
+    then its token ids where it starts, where the trained part starts, and where it ends."""
     from rich.text import Text
+
+    from . import data as datalib
 
     ids, mask = data.examples[0]
     text = Text()
@@ -132,6 +135,10 @@ def show_example(data, tokenizer) -> None:
             start = i
     out.print("first training example (loss on the part in ⟦ ⟧):")
     out.print(text, soft_wrap=True)
+    b = datalib.boundaries(ids, mask)
+    join = f" ... {b['prompt_end']} ⟦{b['completion_start']}" if "completion_start" in b else " ⟦"
+    out.print(f"token ids: {b['start']}{join} ... {b['end']}⟧ ({len(ids)} tokens)", soft_wrap=True,
+              markup=False, highlight=False)
 
 
 class ProgressReporter:

@@ -72,13 +72,20 @@ class TextData:
     to ``max_seq_len``; such an example keeps its beginning, so a prompt/completion
     example whose completion was cut off entirely is kept with an all-zero mask (it
     adds no loss) and is counted here. ``was_truncated`` holds the same per example, so
-    the count stays right after :func:`split`.
+    the count stays right after :func:`split`; ``inexact_join`` marks the examples whose
+    prompt and completion the tokenizer could not separate exactly (see
+    ``HFTokenizer.encode_pair``).
     """
 
     examples: list[tuple[list[int], list[int]]]
     truncated: int = 0
     source: str = ""
     was_truncated: list[bool] = field(default_factory=list, repr=False)
+    inexact_join: list[bool] = field(default_factory=list, repr=False)
+
+    @property
+    def inexact_joins(self) -> int:
+        return sum(self.inexact_join)
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -416,23 +423,33 @@ def _render_messages(messages, tokenizer, where: str) -> tuple[str, str]:
     return history + "assistant: ", messages[-1]["content"]
 
 
+def with_bos(tokenizer, ids: list[int]) -> list[int]:
+    """``ids`` led by the tokenizer's beginning-of-sequence tokens (``bos_ids``, often
+    none), unless the text already began with them (a chat template that writes BOS)."""
+    bos = list(getattr(tokenizer, "bos_ids", ()))
+    return ids if not bos or ids[:len(bos)] == bos else bos + ids
+
+
 def _example(obj: dict, text_field: str, tokenizer, where: str,
-             train_on_prompt: bool = False) -> tuple[list[int], list[int]]:
-    """(ids, mask) for one JSONL object, before truncation: the answer (and eos) are
-    targets, the prompt is not unless ``train_on_prompt``."""
+             train_on_prompt: bool = False) -> tuple[list[int], list[int], bool]:
+    """(ids, mask, exact join) for one JSONL object, before truncation: the answer (and
+    eos) are targets, the prompt is not unless ``train_on_prompt``; the sequence starts
+    with the tokenizer's BOS where it has one."""
     prompt, answer = _render(obj, text_field, tokenizer, where)
+    exact = True
     if answer is None:
-        ids = list(tokenizer.encode(prompt)) + [tokenizer.eos_id]
+        ids = with_bos(tokenizer, list(tokenizer.encode(prompt))) + [tokenizer.eos_id]
         mask = [1] * len(ids)
     else:
-        prompt_ids = list(tokenizer.encode(prompt))
-        target_ids = list(tokenizer.encode(answer)) + [tokenizer.eos_id]
+        prompt_ids, target_ids, exact = tokenizer.encode_pair(prompt, answer)
+        prompt_ids = with_bos(tokenizer, list(prompt_ids))
+        target_ids = list(target_ids) + [tokenizer.eos_id]
         ids = prompt_ids + target_ids
         mask = [int(train_on_prompt)] * len(prompt_ids) + [1] * len(target_ids)
     if len(ids) < 2:
         raise DataError("text encodes to fewer than 2 tokens", where=where,
                         fix="remove this line or make the text longer")
-    return ids, mask
+    return ids, mask, exact
 
 
 def load_text(path, *, tokenizer, text_field: str = "text", max_seq_len: int = 256,
@@ -442,10 +459,11 @@ def load_text(path, *, tokenizer, text_field: str = "text", max_seq_len: int = 2
     ``.txt``: the whole file is tokenized (no eos) and cut into consecutive windows of
     ``max_seq_len`` tokens, every token a target; a last window under 2 tokens is
     dropped. ``.jsonl``: ``{text_field: ...}`` trains on every token plus an appended
-    eos; ``{"prompt": ..., "completion": ...}`` gives ``encode(prompt) +
-    encode(completion) + [eos]`` (no separator added) with the loss mask 0 on the
-    prompt. Longer examples keep their first ``max_seq_len`` tokens and are counted in
-    ``truncated``.
+    eos; ``{"prompt": ..., "completion": ...}`` gives ``encode(prompt) + completion
+    tokens + [eos]`` (no separator added; the completion tokenized as it follows the
+    prompt, see ``encode_pair``) with the loss mask 0 on the prompt. Every sequence
+    starts with the tokenizer's BOS tokens, if it has any. Longer examples keep their
+    first ``max_seq_len`` tokens and are counted in ``truncated``.
     """
     if max_seq_len < 2:
         raise ValueError(f"load_text: max_seq_len must be >= 2, got {max_seq_len}")
@@ -454,12 +472,15 @@ def load_text(path, *, tokenizer, text_field: str = "text", max_seq_len: int = 2
     text = _read(path)
     examples: list[tuple[list[int], list[int]]] = []
     cut: list[bool] = []
+    inexact: list[bool] = []
     if suffix == ".txt":
         if not text.strip():
             raise DataError("file is empty", where=f"{file}:1", fix="put training text in it")
         ids = list(tokenizer.encode(text))
-        for start in range(0, len(ids), max_seq_len):
-            window = ids[start:start + max_seq_len]
+        bos = list(getattr(tokenizer, "bos_ids", ()))
+        step = max_seq_len - len(bos)               # each window starts with BOS, if the tokenizer has one
+        for start in range(0, len(ids), step):
+            window = bos + ids[start:start + step]
             if len(window) >= 2:
                 examples.append((window, [1] * len(window)))
                 cut.append(False)
@@ -468,13 +489,14 @@ def load_text(path, *, tokenizer, text_field: str = "text", max_seq_len: int = 2
                             fix="put more training text in it")
     else:
         for line, obj in _jsonl_objects(text, file):
-            ids, mask = _example(obj, text_field, tokenizer, f"{file}:{line}", train_on_prompt)
+            ids, mask, exact = _example(obj, text_field, tokenizer, f"{file}:{line}", train_on_prompt)
             cut.append(len(ids) > max_seq_len)
+            inexact.append(not exact)
             examples.append((ids[:max_seq_len], mask[:max_seq_len]))
         if not examples:
             raise DataError("file has no examples", where=f"{file}:1",
                             fix=f'write one {{"{text_field}": ...}} object per line')
-    return TextData(examples, sum(cut), file, cut)
+    return TextData(examples, sum(cut), file, cut, inexact or [False] * len(examples))
 
 
 @dataclass(eq=False)
@@ -508,6 +530,7 @@ def load_text_classification(path, *, tokenizer, text_field: str = "text", targe
         ids = list(tokenizer.encode(_text_value(obj, text_field, where)))
         if not ids:
             raise DataError(f"{text_field!r} is empty", where=where, fix="remove this line")
+        ids = with_bos(tokenizer, ids)
         truncated += len(ids) > max_seq_len
         examples.append(ids[:max_seq_len])
         labels.append(_known_label(obj[target], target, where, label_map))
@@ -540,7 +563,8 @@ def _subset(data, indices: Tensor):
         return replace(data, x=data.x[indices], y=data.y[indices], label_map=label_map)
     rows = indices.tolist()
     cut = [data.was_truncated[i] for i in rows] if data.was_truncated else []
-    return TextData([data.examples[i] for i in rows], sum(cut), data.source, cut)
+    inexact = [data.inexact_join[i] for i in rows] if data.inexact_join else []
+    return TextData([data.examples[i] for i in rows], sum(cut), data.source, cut, inexact)
 
 
 def split(data: TabularData | TextData, val_split: float, seed: int):
@@ -603,6 +627,18 @@ def text_batch(data: TextData, indices: Tensor, pad_id: int) -> tuple[Tensor, Te
         keep = torch.tensor(mask[1:], dtype=torch.bool)  # (n,)
         labels[b, :n] = torch.where(keep, target, IGNORE_INDEX)
     return input_ids, labels
+
+
+def boundaries(ids: list[int], mask: list[int], width: int = 4) -> dict[str, list[int]]:
+    """The token ids where one example starts, where its trained part starts (the
+    prompt's last ``width`` ids and the completion's first), and where it ends: what the
+    dry run shows to check BOS, the prompt/completion join and EOS."""
+    first = next((i for i, m in enumerate(mask) if m), 0)
+    out = {"start": ids[:width]}
+    if first > 0:
+        out["prompt_end"], out["completion_start"] = ids[max(0, first - width):first], ids[first:first + width]
+    out["end"] = ids[-width:]
+    return out
 
 
 def describe(data: TabularData | TextData | TextClassData) -> dict:

@@ -281,6 +281,12 @@ def build(cfg: Config, *, search_path: str | os.PathLike | None = None) -> Built
             notes.append(f"'{path}' shares its weight with another module (tied embeddings): the adapter "
                          "changes it in both places once merged")
     _check_sequence_length(cfg, model, data)
+    inexact = getattr(data.train, "inexact_joins", 0)
+    if inexact:
+        notes.append(f"{inexact} of {len(data.train)} training examples: no tokenization of the completion "
+                     "spells the text exactly after the prompt's own tokens (the tokenizer merges across their "
+                     "boundary); their completion is tokenized on its own. Moving trailing whitespace from the "
+                     "prompt to the completion usually avoids this")
     fingerprint = base_fingerprint(model)
     if cfg.dtype != "float32":   # frozen base tensors in the compute dtype, trainable ones float32
         for p in model.parameters():

@@ -13,6 +13,7 @@ class ByteTokenizer:
     eos_id: int = 256
     pad_id: int = 256
     vocab_size: int = 257
+    bos_ids: tuple[int, ...] = ()   # no beginning-of-sequence token
 
     def encode(self, text: str, *, eos: bool = False) -> list[int]:
         """The UTF-8 bytes of ``text``, followed by ``eos_id`` when ``eos`` is true."""
@@ -20,6 +21,10 @@ class ByteTokenizer:
         if eos:
             ids.append(self.eos_id)
         return ids
+
+    def encode_pair(self, prompt: str, completion: str) -> tuple[list[int], list[int], bool]:
+        """(prompt ids, completion ids, exact): bytes never merge across the boundary."""
+        return self.encode(prompt), self.encode(completion), True
 
     def decode(self, ids) -> str:
         """Text from token ids; special ids are dropped, invalid UTF-8 is replaced."""

@@ -231,3 +231,97 @@ def test_fsdp_shards_a_hugging_face_model_and_trains_the_one_process_adapter(hub
     assert ours.keys() == reference.keys()
     for key in ours:
         torch.testing.assert_close(ours[key], reference[key], atol=ATOL, rtol=0, msg=key)
+
+
+# --- tokenizer conventions of real models --------------------------------------------------
+
+def _llama_tokenizer():
+    """A Llama-style tokenizer built from a local vocab: BOS added by default, a '▁'
+    dummy prefix, BPE over whole strings (merges across spaces, as SentencePiece does)
+    and byte fallback, so the traps of real Llama / Mistral tokenizers are all here."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    texts = [f"Alice lives in Paris and is {a} years old.\nJSON: {{\"name\": \"Alice\", \"age\": {a}}}"
+             for a in range(50)] + ["Capital: Paris", "Question: what is the capital? Answer: Paris"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=600,
+                                                       special_tokens=["<unk>", "<s>", "</s>", *byte_tokens]))
+    return transformers.LlamaTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                           unk_token="<unk>", add_bos_token=True)
+
+
+PAIRS = [("JSON:", '{"name": "Alice"}'), ("Capital: ", "Paris"), ("Capital:", " Paris"),
+         ("Alice lives in Paris.\n", "JSON: ok")]
+
+
+def test_a_llama_tokenizer_gets_its_bos_and_an_exact_prompt_completion_join(tmp_path: Path):
+    from lora_cli.data import load_text
+    from lora_cli.models.hf import HFTokenizer
+    raw = _llama_tokenizer()
+    tok = HFTokenizer(raw)
+    assert tok.bos_ids == [raw.bos_token_id]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in PAIRS))
+    data = load_text(path, tokenizer=tok, max_seq_len=128)
+    assert data.inexact_joins == 0
+    for (prompt, completion), (ids, mask) in zip(PAIRS, data.examples):
+        assert ids[0] == raw.bos_token_id and ids.count(raw.bos_token_id) == 1
+        assert ids[-1] == raw.eos_token_id
+        # the prompt part is exactly what the model is given at inference: BOS + the prompt alone
+        n = mask.index(1)
+        assert ids[:n] == raw(prompt)["input_ids"]
+        # and the whole spells the text: no dummy space, no merged boundary token
+        assert raw.decode(ids[1:-1]) == prompt + completion
+    # the trap the join avoids: the completion tokenized alone gets a '▁' the text does not have
+    assert raw.decode(raw(PAIRS[0][0], add_special_tokens=False)["input_ids"]
+                      + raw(PAIRS[0][1], add_special_tokens=False)["input_ids"]) != PAIRS[0][0] + PAIRS[0][1]
+
+
+def test_a_chat_template_that_writes_bos_gets_no_second_one():
+    from lora_cli.models.hf import HFTokenizer
+    from lora_cli.data import _example
+    raw = _llama_tokenizer()
+    raw.chat_template = ("{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}[assistant] {% endif %}")
+    messages = [{"role": "user", "content": "capital?"}, {"role": "assistant", "content": "Paris"}]
+    ids, mask, exact = _example({"messages": messages}, "text", HFTokenizer(raw), "x:1")
+    assert ids.count(raw.bos_token_id) == 1 and ids[0] == raw.bos_token_id and exact
+
+
+def test_byte_level_tokenizers_add_no_bos(hub: Path):
+    from lora_cli.models.hf import load_tokenizer
+    assert load_tokenizer(hub / "llama").bos_ids == []
+
+
+def test_training_and_evaluation_read_the_same_tokens_and_the_dry_run_shows_them(hub: Path):
+    _llama_tokenizer().save_pretrained(hub / "llama-bos")
+    for f in ("config.json", "model.safetensors", "generation_config.json"):
+        if (hub / "llama" / f).exists():
+            (hub / "llama-bos" / f).write_bytes((hub / "llama" / f).read_bytes())
+    path = hub / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in PAIRS * 4))
+    config = write_config(hub, "bos", model={"hf": str(hub / "llama-bos")}, data={"train": str(path), "eval": str(path)})
+    from lora_cli.config import load_config
+    from lora_cli.pipeline import load_data, load_heldout
+    cfg = load_config(config)
+    assert load_data(cfg).train.examples == load_heldout(cfg).eval.examples
+    dry = invoke("train", config, "--dry-run")
+    assert dry.exit_code == 0, dry.output
+    first = load_data(cfg).train.examples[0][0]
+    assert f"token ids: {first[:4]}" in dry.output and f"{first[-4:]}⟧" in dry.output
+
+
+def test_an_inexact_join_is_counted_and_noted(hub: Path, monkeypatch):
+    from lora_cli.config import load_config
+    from lora_cli.models.hf import HFTokenizer
+    from lora_cli.train import plan
+    joined = HFTokenizer.encode_pair
+    monkeypatch.setattr(HFTokenizer, "encode_pair", lambda self, p, c: (*joined(self, p, c)[:2], "3" not in p))
+    config = write_config(hub, "inexact")
+    p = plan(load_config(config))
+    n = sum("3" in r["prompt"] for r in map(json.loads, (hub / "train.jsonl").read_text().splitlines()))
+    assert p.built.data.train.inexact_joins == n > 0
+    assert any(note.startswith(f"{n} of {len(p.built.data.train)} training examples") for note in p.built.notes)

@@ -40,7 +40,12 @@ def _check_dir(path: str | os.PathLike) -> Path:
 
 
 class HFTokenizer:
-    """A transformers tokenizer seen through the data loaders' small interface."""
+    """A transformers tokenizer seen through the data loaders' small interface.
+
+    ``bos_ids`` are the special tokens the tokenizer puts before a text by default (the
+    BOS of Llama, Mistral, Gemma; none for GPT-2 or SmolLM2): every example starts with
+    them, in training, evaluation and generation alike, as the model saw in pretraining.
+    """
 
     def __init__(self, tokenizer):
         self.tok = tokenizer
@@ -50,10 +55,51 @@ class HFTokenizer:
                              fix="set eos_token in the directory's tokenizer_config.json")
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
         self.vocab_size = len(tokenizer)
+        self.bos_ids = self._default_prefix()
+
+    def _default_prefix(self) -> list[int]:
+        """The ids the tokenizer adds in front of a text when asked for special tokens."""
+        plain = self.encode("a")
+        full = list(self.tok("a")["input_ids"])
+        for start in range(len(full) - len(plain) + 1):
+            if full[start:start + len(plain)] == plain:
+                return full[:start]
+        return []
 
     def encode(self, text: str, *, eos: bool = False) -> list[int]:
         ids = list(self.tok(text, add_special_tokens=False)["input_ids"])
         return ids + [self.eos_id] if eos else ids
+
+    def encode_pair(self, prompt: str, completion: str) -> tuple[list[int], list[int], bool]:
+        """(prompt ids, completion ids, exact): the prompt tokenized alone, as the model
+        will see it when asked to complete it, and the completion as the tokens that
+        follow it in ``prompt + completion``.
+
+        Tokenizers that merge across spaces (SentencePiece, Llama 2, Mistral) may join the
+        prompt's last token with the completion's first, and add a dummy space to a
+        completion tokenized on its own. So the completion is the first of these that
+        spells exactly ``prompt + completion`` after the prompt's tokens: the rest of the
+        joint tokenization (when it starts with the prompt's tokens); the completion
+        tokenized after an anchor that does not merge with it (a newline, or a character
+        no vocabulary has, which becomes byte tokens), the anchor's tokens dropped; the
+        completion alone, with or without a leading lone space token. ``exact`` is False
+        when none does; the completion is then tokenized on its own.
+        """
+        p, joint = self.encode(prompt), self.encode(prompt + completion)
+        if joint[:len(p)] == p:
+            return p, joint[len(p):], True
+        text = self.decode(joint)
+        alone = self.encode(completion)
+        candidates = []
+        for anchor in ("\n", "\u2063"):
+            a, anchored = self.encode(anchor), self.encode(anchor + completion)
+            if anchored[:len(a)] == a:
+                candidates.append(anchored[len(a):])
+        candidates += [alone, alone[1:]]
+        for c in candidates:
+            if c and self.decode(p + c) == text:
+                return p, c, True
+        return p, alone, False
 
     def decode(self, ids) -> str:
         return self.tok.decode([int(i) for i in ids])
