@@ -564,3 +564,17 @@ def test_lora_cli_loads_a_peft_adapter_that_saved_its_embedding_layer(tmp_path):
     assert f"{PREFIX}embed_tokens.base_layer.weight" in load_file(tmp_path / "peft" / WEIGHTS_NAME)
     model = load_adapter(tiny_lm(0, cls=TinyLMWithInputEmbeddings), tmp_path / "peft", check_base=False).eval()
     torch.testing.assert_close(model(ids()), pm(ids()), rtol=0, atol=1e-6)
+
+
+def test_a_tied_weight_saved_once_in_another_dtype_is_not_missing(tmp_path):
+    """Hugging Face saves a tied head once (under the embedding's name), often in bfloat16,
+    while lora-train loaded both names in float32."""
+    from safetensors.torch import save_file as save
+    from lora_cli.streaming import SafetensorsReader
+    table = torch.randn(40, 8).to(torch.bfloat16)
+    recorded = fingerprint([("embed.weight", table.float()), ("head.weight", table.float())])
+    save({"embed.weight": table}, tmp_path / "m.safetensors")
+    assert fingerprint_mismatches(recorded, SafetensorsReader(tmp_path / "m.safetensors").stored()) == []
+    save({"embed.weight": table + 1}, tmp_path / "other.safetensors")
+    problems = fingerprint_mismatches(recorded, SafetensorsReader(tmp_path / "other.safetensors").stored())
+    assert any("head.weight: missing" in p for p in problems) and any("embed.weight: values" in p for p in problems)
