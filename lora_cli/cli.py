@@ -65,6 +65,9 @@ def train_command(
     dry_run: bool = typer.Option(False, "--dry-run", help="Build model and data, print the plan, do not train."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run in a non-empty output_dir."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in output_dir."),
+    allow_changed_data: bool = typer.Option(
+        False, "--allow-changed-data", help="Resume even though the data files or the base weights changed "
+        "since the checkpoint (refused otherwise)."),
     nproc_per_node: Optional[int] = typer.Option(
         None, "--nproc-per-node", min=1, help="Train on this many workers on this machine (one per GPU; "
         "on CPU they share the cores), as train.strategy says.", show_default=False),
@@ -76,6 +79,10 @@ def train_command(
 
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other", fix="pass one of them")
+    if allow_changed_data and overwrite:
+        raise UserError("--allow-changed-data is for resuming, and --overwrite starts a new run",
+                        where="--allow-changed-data", fix="pass one of them")
+    kept = {"allow_changed_data": True} if allow_changed_data else {}
     cfg = load_config(config, overrides or [])
     search_path = Path(config).resolve().parent
     workers = nproc_per_node or 1
@@ -90,20 +97,22 @@ def train_command(
             workers = int(os.environ["WORLD_SIZE"])
         show_plan(plan(cfg, search_path=search_path, world=dist.World(size=workers, strategy=cfg.train.strategy)))
     elif dist.launched():
-        _train_worker(cfg, config, overrides, overwrite=overwrite, resume=resume, search_path=search_path)
+        _train_worker(cfg, config, overrides, overwrite=overwrite, resume=resume, search_path=search_path, **kept)
     elif workers > 1:
-        _launch_workers(cfg, config, overrides, workers, overwrite=overwrite, resume=resume)
+        _launch_workers(cfg, config, overrides, workers, overwrite=overwrite, resume=resume, **kept)
     else:
-        _train_here(cfg, config, overrides, overwrite=overwrite, resume=resume, search_path=search_path)
+        _train_here(cfg, config, overrides, overwrite=overwrite, resume=resume, search_path=search_path, **kept)
 
 
-def _launch_workers(cfg, config: Path, overrides, workers: int, *, overwrite: bool, resume: bool) -> None:
+def _launch_workers(cfg, config: Path, overrides, workers: int, *, overwrite: bool, resume: bool,
+                    allow_changed_data: bool = False) -> None:
     """Start ``workers`` copies of this command on this machine; exit as the run ended."""
     from .checkpoint import checkpoints
     from .console import show_error
     from .launch import launch
 
-    args = [str(config), *(overrides or []), *(["--overwrite"] if overwrite else []), *(["--resume"] if resume else [])]
+    flags = [("--overwrite", overwrite), ("--resume", resume), ("--allow-changed-data", allow_changed_data)]
+    args = [str(config), *(overrides or []), *(flag for flag, on in flags if on)]
     code, problem = launch(args, workers, lambda: _resume_command(config, overrides, workers)
                            if checkpoints(cfg.output_dir) else None)
     if problem is not None:
