@@ -180,35 +180,60 @@ class Comparison:
                 "delta": self.delta()}
 
 
-def _source(source: str | os.PathLike):
-    """(config, adapter) from an adapter path, or from a training config and its output."""
+def _is_config(source: Path) -> bool:
+    return source.is_file() and source.suffix in (".yaml", ".yml")
+
+
+def _source(source: str | os.PathLike, code=None):
+    """(config, adapter, folder to import a class_path model from) from an adapter path
+    (its class_path allowed by ``code``), or from a training config and its output (the
+    config's folder, as in training)."""
     from .adapter import read_adapter
     from .config import load_config
     from .pipeline import config_from_adapter
 
     source = Path(source)
-    if source.is_file() and source.suffix in (".yaml", ".yml"):
+    if _is_config(source):
         cfg = load_config(source, check_files=False)
         adapter_dir = Path(cfg.output_dir) / "adapter"
         if not adapter_dir.exists():
             raise UserError("the config's run has no adapter yet", where=str(adapter_dir),
                             fix=f"run lora-train {source} first, or pass the adapter directory")
-        return cfg, read_adapter(adapter_dir)
+        return cfg, read_adapter(adapter_dir), str(source.resolve().parent)
     adapter = read_adapter(source)
-    return config_from_adapter(adapter), adapter
+    return config_from_adapter(adapter, code), adapter, code.folder if code is not None else None
+
+
+def model_code_for(source: str | os.PathLike, choice):
+    """The model code evaluating ``source`` needs, as ``choice`` (a CodeChoice: the user's
+    flags) allows it; None when it needs none. Nothing is imported. A training config
+    brings its own model.class_path, imported from its folder as in training."""
+    from .adapter import read_adapter
+    from .pipeline import model_code
+
+    source = Path(source)
+    if _is_config(source):
+        if choice.given:
+            raise UserError(f"{' and '.join(choice.given)} are for adapters: a training config's own "
+                            "model.class_path is used, imported from the config's folder as in training",
+                            where=choice.given[0], fix="leave them out, or pass the adapter directory")
+        return None
+    return model_code(read_adapter(source), choice)
 
 
 def compare(source: str | os.PathLike, *, data: str | None = None, merged: str | None = None,
-            batch_size: int | None = None, check_base: bool = True) -> Comparison:
+            batch_size: int | None = None, check_base: bool = True, code=None) -> Comparison:
     """Evaluate the base model and base+adapter (or a merged checkpoint) on held-out data.
 
     ``source`` is an adapter directory / .safetensors file (the model is rebuilt from
-    its saved metadata) or a training config (its output_dir's adapter is used).
+    its saved metadata) or a training config (its output_dir's adapter is used). An
+    adapter's class_path model is built only as ``code`` (see :func:`model_code_for`)
+    allows; without it such an adapter is a UserError.
     """
     from .adapter import load_adapter
-    from .pipeline import autocast_for, batches, build_base, load_heldout, resolve_device, search_path_of
+    from .pipeline import autocast_for, batches, build_base, load_heldout, resolve_device
 
-    cfg, adapter = _source(source)
+    cfg, adapter, search = _source(source, code)
     meta = adapter.meta
     held = load_heldout(cfg, data, label_map=meta.get("label_map"), features=meta.get("features"))
     device = resolve_device(cfg.device)
@@ -222,7 +247,6 @@ def compare(source: str | os.PathLike, *, data: str | None = None, merged: str |
         return evaluate(model, batches(held.eval, order, size, pad), cfg.task,
                         num_classes=held.num_classes, device=device, autocast=autocast)
 
-    search = search_path_of(adapter)
     model, _, _ = build_base(cfg, held, search_path=search)
     base_metrics = run(model)
     if merged:
@@ -254,24 +278,25 @@ TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-6, torch.bfloat16: 5e-2, tor
 
 @torch.no_grad()
 def verify_merge(adapter_path: str | os.PathLike, base: str | os.PathLike, merged: str | os.PathLike, *,
-                 data: str | None = None, max_batches: int = 4, batch_size: int = 8) -> Verification:
+                 data: str | None = None, max_batches: int = 4, batch_size: int = 8, code=None) -> Verification:
     """Run a few held-out batches through base+adapter and through the merged weights.
 
     The tolerance is relative to the outputs' scale and looser for a merged checkpoint
-    saved in a lower precision than the base.
+    saved in a lower precision than the base. An adapter's class_path model is built
+    only as ``code`` (a ModelCode from :func:`lora_cli.pipeline.model_code`) allows.
     """
     from .adapter import load_adapter, read_adapter
-    from .pipeline import batches, build_base, config_from_adapter, load_heldout, search_path_of
+    from .pipeline import batches, build_base, config_from_adapter, load_heldout
     from .streaming import SafetensorsReader
 
     adapter = read_adapter(adapter_path)
-    cfg = config_from_adapter(adapter)
+    cfg = config_from_adapter(adapter, code)
     meta = adapter.meta
     try:
         held = load_heldout(cfg, data, label_map=meta.get("label_map"), features=meta.get("features"))
     except UserError:
         held = load_heldout(cfg, cfg.data.train, label_map=meta.get("label_map"), features=meta.get("features"))
-    search = search_path_of(adapter)
+    search = code.folder if code is not None else None
     adapted, _, _ = build_base(cfg, held, search_path=search, weights=str(base))
     load_adapter(adapted, adapter, check_base=False)
     merged_model, _, _ = build_base(cfg, held, search_path=search, weights=str(merged))

@@ -11,6 +11,7 @@ import contextlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from dataclasses import replace as dc_replace
 from pathlib import Path
 
 import torch
@@ -18,10 +19,11 @@ from torch import nn
 
 from . import data as datalib
 from .adapter import Adapter, base_fingerprint
-from .config import Config, config_from_dict, config_to_dict
+from .config import _CLASS_PATH, Config, config_from_dict, config_to_dict
 from .errors import ConfigError, UserError
 from .inject import apply_lora, get_spec, lora_layers
-from .models import build_model, infer_args, load_base_weights
+from .models import build_model, infer_args, load_base_weights, module_origin
+from .models.weights import first_non_finite
 from .tokenizer import ByteTokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -132,9 +134,100 @@ def load_heldout(cfg: Config, path: str | None = None, *, label_map: dict | None
 PEFT_TASKS = {"CAUSAL_LM": "causal_lm", "SEQ_CLS": "classification"}
 
 
-def config_from_adapter(adapter: Adapter) -> Config:
+@dataclass(frozen=True)
+class CodeChoice:
+    """What the user allows an adapter's model to import, on the command line."""
+
+    model_code: str | None = None       # --model-code module:Class
+    model_path: str | None = None       # --model-path DIR (default: the current directory)
+    trust_adapter_code: bool = False    # --trust-adapter-code
+
+    @property
+    def given(self) -> list[str]:
+        """The flags the user passed."""
+        return [flag for flag, value in (("--model-code", self.model_code), ("--model-path", self.model_path),
+                                         ("--trust-adapter-code", self.trust_adapter_code)) if value]
+
+
+@dataclass(frozen=True)
+class ModelCode:
+    """A model class the user allowed: what is imported, from which folder, found where."""
+
+    class_path: str
+    folder: str       # put first on sys.path while importing
+    origin: str       # the file or folder the module comes from (looked up without running it)
+    args: dict        # what the class is called with: the adapter's model_args
+    via: str          # the flag that allowed it
+
+
+def model_code(adapter: Adapter, choice: CodeChoice) -> ModelCode | None:
+    """The code rebuilding ``adapter``'s model imports, as the user's ``choice`` allows it;
+    None for a built-in arch or a Hugging Face model, which import nothing of the user's.
+
+    An adapter is data: a ``class_path`` it records is imported only when the user
+    confirms it (``--model-code``, which may also name another class) or trusts the
+    adapter for it (``--trust-adapter-code``), and always from ``choice.model_path`` (the
+    current directory by default), never from a folder the adapter names. Without either,
+    a UserError says what the adapter asks to import. Nothing is imported here.
+    """
+    cfg = _saved_config(adapter)
+    recorded = cfg.model.class_path
+    flags = choice.given
+    if recorded is None:
+        if flags:
+            kind = f"the built-in arch {cfg.model.arch!r}" if cfg.model.arch else "a Hugging Face model"
+            raise UserError(f"this adapter's model is {kind}, which needs no code of yours", where=flags[0],
+                            fix=f"leave out {' and '.join(flags)}")
+        return None
+    if choice.model_code and choice.trust_adapter_code:
+        raise UserError("--model-code names the class to import, --trust-adapter-code takes the adapter's",
+                        where="--model-code", fix="pass one of them")
+    if not (choice.model_code or choice.trust_adapter_code):
+        if choice.model_path:
+            raise UserError("--model-path says where to import the model's code from, but nothing allows the "
+                            f"import of {recorded!r}", where="--model-path",
+                            fix=f"add --model-code {recorded} (or --trust-adapter-code)")
+        raise _unconfirmed(adapter, recorded, cfg.model.args)
+    class_path = choice.model_code or recorded
+    if choice.model_code and not _CLASS_PATH.fullmatch(class_path):
+        raise UserError(f"must look like 'package.module:ClassName', got {class_path!r}", where="--model-code",
+                        fix=f"e.g. --model-code {recorded}")
+    folder = Path(choice.model_path or ".").resolve()
+    if not folder.is_dir():
+        raise UserError("folder not found", where=f"--model-path {choice.model_path}",
+                        fix="name the folder that holds the model's module")
+    return ModelCode(class_path=class_path, folder=str(folder), origin=module_origin(class_path, folder),
+                     args=dict(cfg.model.args),
+                     via="--model-code" if choice.model_code else "--trust-adapter-code")
+
+
+def _unconfirmed(adapter: Adapter, class_path: str, args: dict) -> UserError:
+    shown = repr(args) if len(repr(args)) <= 160 else repr(args)[:157] + "..."
+    return UserError(f"this adapter asks to import {class_path!r} and call it with {shown} to build its model; "
+                     "lora-cli does not run code that an adapter names", where=adapter.source,
+                     fix=f"only if you trust that code: confirm it with --model-code {class_path} (and --model-path "
+                         "DIR, the folder holding its module; default: the current directory), or pass "
+                         "--trust-adapter-code")
+
+
+def config_from_adapter(adapter: Adapter, code: ModelCode | None = None) -> Config:
     """The config an adapter was trained with, as saved in its metadata; for a PEFT
-    adapter of a Hugging Face model, one rebuilt from its base path and task type."""
+    adapter of a Hugging Face model, one rebuilt from its base path and task type.
+
+    A recorded ``model.class_path`` is replaced by ``code`` (from :func:`model_code`, the
+    user's confirmation); without one it is refused: the config is never a way for an
+    adapter to import something.
+    """
+    cfg = _saved_config(adapter)
+    if cfg.model.class_path is None:
+        return cfg
+    if code is None:
+        raise _unconfirmed(adapter, cfg.model.class_path, cfg.model.args)
+    return dc_replace(cfg, model=dc_replace(cfg.model, class_path=code.class_path))
+
+
+def _saved_config(adapter: Adapter) -> Config:
+    """The adapter's config as recorded (validated, nothing imported)."""
     meta = adapter.meta
     if "config" in meta:
         data = dict(meta["config"])
@@ -148,11 +241,6 @@ def config_from_adapter(adapter: Adapter) -> Config:
     data = {"task": task, "model": {"hf": base}, "data": {"train": "(unused).jsonl"},
             "lora": {"rank": adapter.config.get("r", 8), "alpha": adapter.config.get("lora_alpha", 8)}}
     return config_from_dict(data, source=f"{adapter.source} (from its PEFT config)", check_files=False)
-
-
-def search_path_of(adapter: Adapter) -> str | None:
-    """The folder a class_path model was imported from when the adapter was trained."""
-    return adapter.meta.get("search_path")
 
 
 def build_base(cfg: Config, data: Datasets, *, search_path: str | os.PathLike | None = None,
@@ -218,9 +306,15 @@ def build(cfg: Config, *, search_path: str | os.PathLike | None = None) -> Built
     _check_sequence_length(cfg, model, data)
     fingerprint = base_fingerprint(model)
     if cfg.dtype != "float32":   # frozen base tensors in the compute dtype, trainable ones float32
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             if not p.requires_grad:
-                p.data = p.data.to(DTYPES[cfg.dtype])
+                cast = p.data.to(DTYPES[cfg.dtype])
+                if first_non_finite(cast) is not None and first_non_finite(p.data) is None:
+                    raise ConfigError([f"dtype: the base tensor '{name}' overflows {cfg.dtype} (its largest "
+                                       f"|value| is {float(p.data.abs().max()):.4g}, above "
+                                       f"{torch.finfo(DTYPES[cfg.dtype]).max:.4g})"],
+                                      fix="use dtype: bfloat16 (the range of float32) or float32")
+                p.data = cast
     return Built(model=model, data=data, model_args=args, notes=notes,
                  search_path=str(search_path) if search_path else None, fingerprint=fingerprint)
 
