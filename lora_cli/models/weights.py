@@ -153,9 +153,9 @@ def check_finite(tensors, where: str) -> None:
     for name, t in tensors:
         bad = first_non_finite(t)
         if bad is not None:
-            raise ModelError(f"the base tensor '{name}' holds non-finite values ({bad}); training, evaluating "
-                             "or merging it gives NaN", where=where,
-                             fix="use an intact copy of the base weights (this one is corrupt or diverged)")
+            raise ModelError(f"the tensor '{name}' holds non-finite values ({bad}): training, evaluating or "
+                             "merging with it gives NaN", where=where,
+                             fix="use an intact copy of these weights (this one is corrupt or diverged)")
 
 
 def _lora_keys(model: nn.Module) -> set[str]:
