@@ -20,7 +20,7 @@ from torch import nn
 from . import data as datalib
 from .adapter import Adapter, base_fingerprint
 from .config import _CLASS_PATH, Config, config_from_dict, config_to_dict
-from .errors import ConfigError, UserError
+from .errors import AdapterError, ConfigError, UserError
 from .inject import apply_lora, get_spec, lora_layers
 from .models import build_model, infer_args, load_base_weights, module_origin
 from .models.weights import first_non_finite
@@ -229,9 +229,15 @@ def config_from_adapter(adapter: Adapter, code: ModelCode | None = None) -> Conf
 def _saved_config(adapter: Adapter) -> Config:
     """The adapter's config as recorded (validated, nothing imported)."""
     meta = adapter.meta
+    if not isinstance(meta, dict):
+        raise AdapterError("adapter_config.json's 'lora_cli' entry is not a JSON object", where=adapter.source,
+                           fix="save the adapter again with lora-train")
     if "config" in meta:
-        data = dict(meta["config"])
-        data["model"] = {**data["model"], "args": meta.get("model_args", data["model"].get("args", {}))}
+        data = meta["config"]
+        if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+            raise AdapterError("the adapter's saved config (lora_cli.config, with its model section) is not a "
+                               "JSON object", where=adapter.source, fix="save the adapter again with lora-train")
+        data = {**data, "model": {**data["model"], "args": meta.get("model_args", data["model"].get("args", {}))}}
         return config_from_dict(data, source=f"{adapter.source} (saved config)", check_files=False)
     base, task = adapter.config.get("base_model_name_or_path"), PEFT_TASKS.get(adapter.config.get("task_type"))
     if not base or not task or not Path(base).is_dir():
