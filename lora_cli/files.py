@@ -22,6 +22,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -72,7 +73,7 @@ def remove_stale_temps(folder: str | os.PathLike, names: Iterable[str] = ()) -> 
         if m is None or (m.group("rand") is None and m.group("name") not in names) or _alive(int(m.group("pid"))):
             continue
         final = folder / m.group("name")
-        if m.group("kind") == "old" and not final.exists() and not final.is_symlink():
+        if m.group("kind") == "old" and not entry.is_symlink() and not final.exists() and not final.is_symlink():
             with contextlib.suppress(OSError):
                 entry.rename(final)
                 continue
@@ -174,10 +175,19 @@ def run_lock(folder: str | os.PathLike, what: str = "lora-train", label: str = "
         except OSError as exc:
             raise unwritable(exc) from None
         for _ in range(20):   # the lock file can be replaced between our open and our flock
-            try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:   # never through a symlink, nor into a file linked elsewhere: the lock file is rewritten
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
             except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise UserError(f"{LOCK_NAME} in this folder is a symlink, not lora-cli's lock file",
+                                    where=str(folder), fix=f"remove {path} if no run is using the folder") from None
                 raise unwritable(exc) from None
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+                os.close(fd)
+                fd = -1
+                raise UserError(f"{LOCK_NAME} in this folder is not lora-cli's lock file (not a plain file, or "
+                                "linked elsewhere)", where=str(folder), fix=f"remove {path} if no run is using the folder")
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

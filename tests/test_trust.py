@@ -38,6 +38,7 @@ from safetensors.torch import load_file, save_file
 from test_errors import (  # noqa: F401  (proj and trained are fixtures)
     assert_user_error, csv_text, describe, invoke, proj, save_mlp_base, trained)
 from lora_cli.adapter import read_adapter
+from lora_cli.errors import UserError
 from lora_cli.files import LOCK_NAME, remove_stale_temps, run_lock, temp_path
 from lora_cli.merge import MERGE_MARKER, merge_state_dict
 
@@ -459,6 +460,19 @@ def test_a_second_run_on_a_folder_in_use_exits_2_naming_the_first(proj: Path):
     assert not (proj / "run").exists()             # the folder made for the lock went with it
     ok(invoke("train", "config.yaml"))             # and nothing of it stays in the way
     assert LOCK_NAME not in os.listdir(proj / "run")
+
+
+@pytest.mark.parametrize("plant", ["symlink", "hard link"])
+def test_a_lock_file_planted_in_the_folder_is_never_written_through(tmp_path: Path, plant):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (tmp_path / "run").mkdir()
+    lock = tmp_path / "run" / LOCK_NAME
+    lock.symlink_to(victim) if plant == "symlink" else os.link(victim, lock)
+    with pytest.raises(UserError, match=f"{LOCK_NAME} in this folder is (a symlink|not lora-cli's lock file)"):
+        with run_lock(tmp_path / "run"):
+            pass
+    assert victim.read_text() == "precious" and (lock.is_symlink() or lock.exists())
 
 
 def test_the_next_run_removes_what_killed_processes_left(trained: Path):
