@@ -2,7 +2,8 @@
 
 The walk is straight: config -> data -> model (+ base weights) -> inject. Both
 ``lora-train`` and ``lora-eval`` stand on it; an adapter's saved metadata holds what is
-needed to walk it again without the original config.
+needed to walk it again without the original config. That metadata is data: a
+``class_path`` it records is imported only as the user allows (:func:`model_code`).
 """
 
 from __future__ import annotations
