@@ -38,7 +38,7 @@ from torch import nn
 
 from . import __version__
 from .errors import AdapterError
-from .files import fsync_dir, remove, write_synced
+from .files import fsync_dir, remove, temp_path, write_synced
 from .inject import LoraSpec, get_spec, inject, lora_layers, lora_parameters, name_matches, trainable_biases
 from .layers import LoraEmbedding, lora_scaling
 
@@ -324,8 +324,7 @@ def write_adapter(directory: str | os.PathLike, config: Mapping, tensors: Mappin
         raise AdapterError("refusing to replace something that is not an adapter", where=str(directory),
                            fix="save the adapter to a new or empty directory")
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
-    remove(tmp)
+    tmp = temp_path(directory)
     tmp.mkdir()   # not mkdtemp: that makes the adapter directory private (0700)
     try:
         # safetensors' own save_file makes the file private (0600): write its bytes ourselves
@@ -334,8 +333,7 @@ def write_adapter(directory: str | os.PathLike, config: Mapping, tensors: Mappin
         write_synced(tmp / WEIGHTS_NAME, lambda f: f.write(weights))
         write_synced(tmp / CONFIG_NAME, lambda f: f.write((json.dumps(config, indent=2) + "\n").encode()))
         if directory.exists():
-            old = directory.with_name(f".{directory.name}.old")
-            remove(old)
+            old = temp_path(directory, "old")
             directory.rename(old)
             tmp.rename(directory)
             remove(old)

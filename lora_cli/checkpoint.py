@@ -4,7 +4,8 @@
         adapter/               the adapter at step N (the usual adapter files)
         trainer_state.pt       optimizer, schedule, grad scaler, RNG states (one per
                                worker), loop position
-        trainer_state.json     step, epoch, number of workers, and the run's config
+        trainer_state.json     step, epoch, number of workers, the run's config, and a
+                               content fingerprint of its data files and base weights
 
 Everything is stored whole (sharded optimizer state is gathered first), so a checkpoint
 resumes on any number of workers and under either strategy.
@@ -17,6 +18,7 @@ renamed into place: a ``step_N`` directory is complete or absent, never half-wri
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -29,7 +31,7 @@ import torch
 
 from .adapter import Adapter, read_adapter, write_adapter
 from .errors import UserError
-from .files import fsync_dir, remove, write_atomic, write_synced
+from .files import fsync_dir, remove, temp_path, write_atomic, write_synced
 
 DIRNAME = "checkpoints"
 _STEP_DIR = re.compile(r"step_(\d+)")
@@ -130,23 +132,23 @@ def _numpy_state(state):
 
 def save_checkpoint(output_dir: str | os.PathLike, *, step: int, epoch: int, adapter_config: dict,
                     adapter_tensors: dict[str, torch.Tensor], state: dict, config: dict, workers: int = 1,
-                    keep_last: int | None) -> Path:
+                    keep_last: int | None, inputs: dict | None = None) -> Path:
     """Write ``checkpoints/step_<N>`` atomically; prune to the newest ``keep_last``.
 
     ``state`` holds the optimizer, schedule, scaler and loop state dicts and ``rng``, a
-    list of RNG states, one per worker.
+    list of RNG states, one per worker; ``inputs`` the :func:`input_fingerprints` of the run.
     """
     root = Path(output_dir) / DIRNAME
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step}"
-    tmp = root / f".step_{step}.tmp"
-    remove(tmp)
+    tmp = temp_path(final)
     tmp.mkdir()
     try:
         write_adapter(tmp / "adapter", adapter_config, adapter_tensors)
         write_synced(tmp / "trainer_state.pt", lambda f: torch.save(state, f))
         _maybe_fault("ckpt-write", step)
-        info = {"step": step, "epoch": epoch, "workers": workers, "config": config}
+        info = {"step": step, "epoch": epoch, "workers": workers, "config": config,
+                **({"inputs": inputs} if inputs else {})}
         write_synced(tmp / "trainer_state.json", lambda f: f.write(json.dumps(info, indent=2).encode()))
         if final.exists():
             remove(final)
@@ -213,7 +215,7 @@ def _unreadable(ckpt: Checkpoint, detail: str) -> UserError:
 def clean_partial(output_dir: str | os.PathLike) -> None:
     """Remove checkpoint directories a killed run left half-written."""
     root = Path(output_dir) / DIRNAME
-    for d in root.glob(".step_*.tmp") if root.is_dir() else ():
+    for d in root.glob(".step_*.tmp*") if root.is_dir() else ():   # .step_N.tmp-PID-RAND (.step_N.tmp before)
         remove(d)
 
 
@@ -231,3 +233,95 @@ def trim_metrics(path: Path, step: int) -> None:
         if isinstance(row, dict) and row.get("step", 0) <= step:
             kept.append(line)
     write_atomic(path, lambda f: f.write("".join(k + "\n" for k in kept).encode()))
+
+
+# --- what a run reads: a resumed run must read the same ------------------------------------
+
+WHOLE_LIMIT = 64 * 2**20            # base weight files up to this size are hashed whole
+SAMPLES, SAMPLE_BYTES = 64, 64 * 2**10
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def _sha256_file(path: Path, *, sampled: bool) -> str:
+    """sha256 of a file's bytes, streamed in 1 MiB reads; with ``sampled`` (and a file over
+    WHOLE_LIMIT), of its size and SAMPLES blocks of SAMPLE_BYTES at evenly spaced offsets,
+    the first and the last included."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if sampled and size > WHOLE_LIMIT:
+            h.update(f"sampled {size}".encode())
+            for i in range(SAMPLES):
+                fh.seek((size - SAMPLE_BYTES) * i // (SAMPLES - 1))
+                h.update(fh.read(SAMPLE_BYTES))
+        else:
+            for block in iter(lambda: fh.read(2**20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def input_fingerprints(files: dict[str, str | None]) -> dict[str, dict]:
+    """``{key: {"path", "sha256"}}`` for a run's inputs, e.g. ``{"data.train": "train.csv",
+    "model.base": "base.safetensors", "model.hf": "models/llama"}`` (None values are skipped;
+    a folder counts by its config.json and weight files).
+
+    Data files are hashed whole: one edited row anywhere changes what the run trains on,
+    and the run reads every byte of them anyway. Base weights are hashed whole up to
+    WHOLE_LIMIT (64 MiB); above it, by their size and 64 blocks of 64 KiB spread over the
+    file: another checkpoint of the same model differs in nearly every block, while a full
+    hash of a 15 GB base would add many seconds to every start and resume. An edit of a
+    few bytes between the samples of a large base goes unseen (as it does for the
+    adapter's base fingerprint, which samples tensor values). Modification times are not
+    used: copying or downloading the same file again changes them, not the run.
+    """
+    out = {}
+    for key, value in files.items():
+        if not value:
+            continue
+        path = Path(value)
+        weights = key.startswith("model.")
+        try:
+            if path.is_dir():
+                h = hashlib.sha256()
+                for f in sorted(path.iterdir()):
+                    if f.is_file() and (f.suffix in WEIGHT_SUFFIXES or f.name == "config.json"):
+                        h.update(f"{f.name}\0{_sha256_file(f, sampled=weights)}\0".encode())
+                digest = h.hexdigest()
+            else:
+                digest = _sha256_file(path, sampled=weights)
+        except OSError as exc:
+            raise UserError(f"cannot read it to fingerprint the run's inputs: {exc.strerror}", where=str(path),
+                            fix=f"check the file {key} names") from None
+        out[key] = {"path": str(path.resolve()), "sha256": digest}
+    return out
+
+
+def changed_inputs(info: dict, current: dict[str, dict], where: str | os.PathLike, *,
+                   allow: bool) -> list[str]:
+    """Compare a checkpoint's recorded inputs (``info`` is its trainer_state.json) with
+    ``current``; return notes. An input whose content changed (at the same path, or
+    read from another one) is a UserError naming it, unless ``allow``. A checkpoint without fingerprints (written by
+    an older lora-cli) passes with a note; one whose record is malformed does not."""
+    recorded = info.get("inputs")
+    if recorded is None:
+        return ["the checkpoint records no fingerprint of the data and base (an older lora-cli wrote it): "
+                "they cannot be checked for changes"]
+    valid = isinstance(recorded, dict) and all(
+        isinstance(v, dict) and isinstance(v.get("path"), str) and isinstance(v.get("sha256"), str)
+        for v in recorded.values())
+    if not valid:
+        raise UserError("checkpoint cannot be read: trainer_state.json has a malformed 'inputs' record",
+                        where=str(where), fix="delete this checkpoint directory to resume from the one before it")
+    changed = [f"{key} ({now['path']}" + (f", was {recorded[key]['path']})" if recorded[key]["path"] != now["path"]
+                                          else ")")
+               for key, now in current.items() if key in recorded and recorded[key]["sha256"] != now["sha256"]]
+    if not changed:
+        return []
+    names = ", ".join(changed)
+    if not allow:
+        raise UserError(f"cannot resume: {names} changed since the checkpoint was written, so the resumed run "
+                        "would not continue the same run", where=str(where),
+                        fix="restore the original file, start a new run with --overwrite, or pass "
+                            "--allow-changed-data to continue on the new content")
+    return [f"resuming with a changed {names} (--allow-changed-data): the rest of the run trains on the "
+            "new content"]

@@ -8,6 +8,7 @@ becomes one red message and exit code 2; anything else is a bug and keeps its tr
 from __future__ import annotations
 
 import functools
+import math
 import os
 from pathlib import Path
 from typing import List, Optional
@@ -65,6 +66,9 @@ def train_command(
     dry_run: bool = typer.Option(False, "--dry-run", help="Build model and data, print the plan, do not train."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run in a non-empty output_dir."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in output_dir."),
+    allow_changed_data: bool = typer.Option(
+        False, "--allow-changed-data", help="Resume even though the data files or the base weights changed "
+        "since the checkpoint (refused otherwise)."),
     nproc_per_node: Optional[int] = typer.Option(
         None, "--nproc-per-node", min=1, help="Train on this many workers on this machine (one per GPU; "
         "on CPU they share the cores), as train.strategy says.", show_default=False),
@@ -76,6 +80,10 @@ def train_command(
 
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other", fix="pass one of them")
+    if allow_changed_data and overwrite:
+        raise UserError("--allow-changed-data is for resuming, and --overwrite starts a new run",
+                        where="--allow-changed-data", fix="pass one of them")
+    kept = {"allow_changed_data": True} if allow_changed_data else {}
     cfg = load_config(config, overrides or [])
     search_path = Path(config).resolve().parent
     workers = nproc_per_node or 1
@@ -90,20 +98,22 @@ def train_command(
             workers = int(os.environ["WORLD_SIZE"])
         show_plan(plan(cfg, search_path=search_path, world=dist.World(size=workers, strategy=cfg.train.strategy)))
     elif dist.launched():
-        _train_worker(cfg, config, overrides, overwrite=overwrite, resume=resume, search_path=search_path)
+        _train_worker(cfg, config, overrides, overwrite=overwrite, resume=resume, search_path=search_path, **kept)
     elif workers > 1:
-        _launch_workers(cfg, config, overrides, workers, overwrite=overwrite, resume=resume)
+        _launch_workers(cfg, config, overrides, workers, overwrite=overwrite, resume=resume, **kept)
     else:
-        _train_here(cfg, config, overrides, overwrite=overwrite, resume=resume, search_path=search_path)
+        _train_here(cfg, config, overrides, overwrite=overwrite, resume=resume, search_path=search_path, **kept)
 
 
-def _launch_workers(cfg, config: Path, overrides, workers: int, *, overwrite: bool, resume: bool) -> None:
+def _launch_workers(cfg, config: Path, overrides, workers: int, *, overwrite: bool, resume: bool,
+                    allow_changed_data: bool = False) -> None:
     """Start ``workers`` copies of this command on this machine; exit as the run ended."""
     from .checkpoint import checkpoints
     from .console import show_error
     from .launch import launch
 
-    args = [str(config), *(overrides or []), *(["--overwrite"] if overwrite else []), *(["--resume"] if resume else [])]
+    flags = [("--overwrite", overwrite), ("--resume", resume), ("--allow-changed-data", allow_changed_data)]
+    args = [str(config), *(overrides or []), *(flag for flag, on in flags if on)]
     code, problem = launch(args, workers, lambda: _resume_command(config, overrides, workers)
                            if checkpoints(cfg.output_dir) else None)
     if problem is not None:
@@ -166,6 +176,22 @@ def _resume_command(config: Path, overrides: Optional[List[str]], workers: int =
     return " ".join(shlex.quote(a) for a in ["lora-train", str(config), *(overrides or []), *launch, "--resume"])
 
 
+def _model_code_options():
+    """--model-code, --model-path and --trust-adapter-code: what an adapter's own model class may import."""
+    return (
+        typer.Option(None, "--model-code", metavar="MODULE:CLASS", help="Build the adapter's model (one "
+                     "trained with model.class_path) from this class of yours. Nothing an adapter names is "
+                     "imported without this or --trust-adapter-code.", show_default=False),
+        typer.Option(None, "--model-path", metavar="DIR", help="The folder to import --model-code from "
+                     "(default: the current directory); never one the adapter names.", show_default=False),
+        typer.Option(False, "--trust-adapter-code", help="Import the class_path the adapter records (from "
+                     "--model-path); what is imported from where is printed first."),
+    )
+
+
+_CODE, _CODE_PATH, _TRUST = _model_code_options()
+
+
 MERGE_EXAMPLES = """\
 Examples:
 
@@ -173,7 +199,7 @@ Examples:
 
   lora-merge data/quickstart/base.safetensors runs/quickstart/adapter -o merged.safetensors --verify
 
-  lora-merge base.pt runs/a/adapter runs/b/adapter --weights 0.7 0.3 --dtype bfloat16
+  lora-merge base.pt runs/a/adapter runs/b/adapter --weights 0.7,0.3 --dtype bfloat16
 """
 
 EVAL_EXAMPLES = """\
@@ -186,6 +212,8 @@ Examples:
   lora-eval runs/quickstart/adapter --merged data/quickstart/base-merged.safetensors
 
   lora-eval runs/quickstart/adapter --data data/quickstart/eval.jsonl --batch-size 64
+
+  lora-eval runs/mine/adapter --model-code my_models:TinyNet --model-path ~/project
 """
 
 
@@ -199,28 +227,41 @@ def merge_command(
                                           help="Where to write (default: <base>-merged.<ext> beside the base)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Cast floating tensors: float32, bfloat16 or float16."),
-    weights: Optional[List[str]] = typer.Option(None, "--weights", help="One weight per adapter (default 1 each): "
-                                                "--weights 0.7 0.3, or 0.7,0.3.", show_default=False),
+    weights: Optional[List[str]] = typer.Option(None, "--weights", metavar="W1,W2,...",
+                                                help="One weight per adapter, in order, as one comma-separated "
+                                                "list: --weights 0.7,0.3 (default 1 each).", show_default=False),
     verify: bool = typer.Option(False, "--verify", help="Check merged outputs against base+adapter on held-out data."),
     data: Optional[str] = typer.Option(None, "--data", help="Inputs for --verify (default: the data the adapter "
                                        "names)."),
     ignore_fingerprint: bool = typer.Option(False, "--ignore-fingerprint",
                                             help="Merge even if the base differs from the adapter's."),
+    model_code: Optional[str] = _CODE,
+    model_path: Optional[str] = _CODE_PATH,
+    trust_adapter_code: bool = _TRUST,
 ) -> None:
     """Fold LoRA adapters into base weights: W' = W + weight * (alpha/r) * B @ A."""
     from .adapter import read_adapter
-    from .console import show_merge, show_verification
+    from .console import show_merge, show_model_code, show_verification
     from .evaluate import prepare_verification, verify_merge
     from .merge import merge_checkpoint
+    from .pipeline import CodeChoice
+    from .pipeline import model_code as allowed_code
 
-    adapters, factors = _split_weights(adapters, weights)
+    factors = _parse_weights(adapters, weights)
     if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
         raise UserError(f"unknown dtype {dtype!r}", where="--dtype", fix="use float32, bfloat16 or float16")
     if verify and (len(adapters) > 1 or (factors and factors != [1.0])):
         raise UserError("--verify checks one adapter at weight 1", where="--verify",
                         fix="merge and verify adapters one at a time")
+    choice = CodeChoice(model_code=model_code, model_path=model_path, trust_adapter_code=trust_adapter_code)
+    if choice.given and not verify:
+        raise UserError(f"{' and '.join(choice.given)} only matter with --verify (merging imports no model code)",
+                        where=choice.given[0], fix="add --verify, or leave them out")
     loaded = [read_adapter(a) for a in adapters]
-    check = prepare_verification(adapters[0], base, data=data) if verify else None   # before writing
+    code = allowed_code(loaded[0], choice) if verify else None     # refused before anything is written
+    if code is not None:
+        show_model_code(code)
+    check = prepare_verification(adapters[0], base, data=data, code=code) if verify else None
     report = merge_checkpoint(base, loaded, output, weights=factors, dtype=dtype, force=force,
                               check_base=not ignore_fingerprint)
     show_merge(report)
@@ -231,21 +272,27 @@ def merge_command(
             raise typer.Exit(1)
 
 
-def _split_weights(adapters: List[Path], weights: Optional[List[str]]) -> tuple[List[Path], Optional[List[float]]]:
-    """Read ``--weights 0.7 0.3`` the way users write it: the shell hands the numbers
-    after the first to the adapter list, so trailing numbers that are not files there
-    are weights too. ``--weights 0.7,0.3`` and a repeated ``--weights`` also work."""
+def _parse_weights(adapters: List[Path], weights: Optional[List[str]]) -> Optional[List[float]]:
+    """``--weights 0.7,0.3``: one comma-separated list, one finite number per adapter, in
+    order. Anything else (a repeated --weights, numbers after a space, which the shell
+    hands to the adapter list, a wrong count) is refused rather than guessed at."""
     if not weights:
-        return adapters, None
-    raw = [w for item in weights for w in item.split(",") if w.strip()]
-    adapters = list(adapters)
-    while adapters and not adapters[-1].exists() and _is_number(str(adapters[-1])):
-        raw.insert(len(weights), str(adapters.pop()))
-    try:
-        return adapters, [float(w) for w in raw]
-    except ValueError:
-        raise UserError(f"--weights must be numbers, got {' '.join(raw)}", where="--weights",
-                        fix="write e.g. --weights 0.7 0.3") from None
+        return None
+    strays = [str(a) for a in adapters if _is_number(str(a)) and not a.exists()]
+    fix = (f"write one number per adapter as one comma-separated list, e.g. --weights "
+           f"{','.join(['0.5'] * max(len(adapters) - len(strays), 1))}")
+    if len(weights) > 1:
+        raise UserError(f"--weights given {len(weights)} times", where="--weights", fix=fix)
+    if strays:
+        raise UserError(f"{', '.join(strays)} after --weights {weights[0]} would be read as adapter "
+                        f"path{'s' if len(strays) > 1 else ''}", where="--weights", fix=fix)
+    parts = [w.strip() for w in weights[0].split(",")]
+    if not all(_is_number(w) and math.isfinite(float(w)) for w in parts):
+        raise UserError(f"must be finite numbers separated by commas, got {weights[0]!r}", where="--weights", fix=fix)
+    if len(parts) != len(adapters):
+        raise UserError(f"{len(parts)} weight{'s' if len(parts) != 1 else ''} for {len(adapters)} "
+                        f"adapter{'s' if len(adapters) != 1 else ''}", where="--weights", fix=fix)
+    return [float(w) for w in parts]
 
 
 def _is_number(text: str) -> bool:
@@ -268,13 +315,21 @@ def eval_command(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Examples per batch."),
     ignore_fingerprint: bool = typer.Option(False, "--ignore-fingerprint",
                                             help="Load the adapter even if the base differs from its own."),
+    model_code: Optional[str] = _CODE,
+    model_path: Optional[str] = _CODE_PATH,
+    trust_adapter_code: bool = _TRUST,
 ) -> None:
     """Measure the base model and base+adapter side by side on held-out data."""
-    from .console import show_comparison, show_json
-    from .evaluate import compare
+    from .console import show_comparison, show_json, show_model_code
+    from .evaluate import compare, model_code_for
+    from .pipeline import CodeChoice
 
+    choice = CodeChoice(model_code=model_code, model_path=model_path, trust_adapter_code=trust_adapter_code)
+    code = model_code_for(source, choice)
+    if code is not None:
+        show_model_code(code)
     result = compare(source, data=data, merged=merged, base=base, batch_size=batch_size,
-                     check_base=not ignore_fingerprint)
+                     check_base=not ignore_fingerprint, code=code)
     if as_json:
         show_json(result.as_dict())
     else:

@@ -53,6 +53,13 @@ def show_note(text: str) -> None:
     err.print(f"[yellow]note:[/] {text}", soft_wrap=True)
 
 
+def show_model_code(code) -> None:
+    """What an adapter's model imports, as the user allowed it, said before it is imported."""
+    args = repr(code.args) if len(repr(code.args)) <= 200 else repr(code.args)[:197] + "..."
+    err.print(f"[yellow]note:[/] importing {escape(code.class_path)} ({escape(code.via)}) from "
+              f"{escape(code.origin)}, and calling it with {escape(args)}", soft_wrap=True)
+
+
 def show_summary(summary, title: str = "LoRA adapters") -> None:
     """The adapted-modules table and trainable / total parameters."""
     table = Table(title=title, title_justify="left")

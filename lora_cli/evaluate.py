@@ -180,37 +180,64 @@ class Comparison:
                 "delta": self.delta()}
 
 
-def _source(source: str | os.PathLike, *, base: str | None = None, data: str | None = None):
-    """(config, adapter) from an adapter path, or from a training config and its output."""
+def _is_config(source: Path) -> bool:
+    return source.is_file() and source.suffix in (".yaml", ".yml")
+
+
+def _source(source: str | os.PathLike, code=None, *, base: str | None = None, data: str | None = None):
+    """(config, adapter, folder to import a class_path model from) from an adapter path
+    (its class_path allowed by ``code``), or from a training config and its output (the
+    config's folder, as in training). ``base`` and ``data`` replace what the adapter
+    names (see :func:`lora_cli.pipeline.config_from_adapter`)."""
     from .adapter import read_adapter
     from .config import load_config
     from .pipeline import config_from_adapter, with_base
 
     source = Path(source)
-    if source.is_file() and source.suffix in (".yaml", ".yml"):
+    if _is_config(source):
         cfg = load_config(source, check_files=False)
         adapter_dir = Path(cfg.output_dir) / "adapter"
         if not adapter_dir.exists():
             raise UserError("the config's run has no adapter yet", where=str(adapter_dir),
                             fix=f"run lora-train {source} first, or pass the adapter directory")
-        return (with_base(cfg, base) if base else cfg), read_adapter(adapter_dir)
+        return (with_base(cfg, base) if base else cfg), read_adapter(adapter_dir), str(source.resolve().parent)
     adapter = read_adapter(source)
-    return config_from_adapter(adapter, base=base, data=data), adapter
+    return (config_from_adapter(adapter, code, base=base, data=data), adapter,
+            code.folder if code is not None else None)
+
+
+def model_code_for(source: str | os.PathLike, choice):
+    """The model code evaluating ``source`` needs, as ``choice`` (a CodeChoice: the user's
+    flags) allows it; None when it needs none. Nothing is imported. A training config
+    brings its own model.class_path, imported from its folder as in training."""
+    from .adapter import read_adapter
+    from .pipeline import model_code
+
+    source = Path(source)
+    if _is_config(source):
+        if choice.given:
+            raise UserError(f"{' and '.join(choice.given)} are for adapters: a training config's own "
+                            "model.class_path is used, imported from the config's folder as in training",
+                            where=choice.given[0], fix="leave them out, or pass the adapter directory")
+        return None
+    return model_code(read_adapter(source), choice)
 
 
 def compare(source: str | os.PathLike, *, data: str | None = None, merged: str | None = None,
-            base: str | None = None, batch_size: int | None = None, check_base: bool = True) -> Comparison:
+            base: str | None = None, batch_size: int | None = None, check_base: bool = True,
+            code=None) -> Comparison:
     """Evaluate the base model and base+adapter (or a merged checkpoint) on held-out data.
 
     ``source`` is an adapter directory / .safetensors file (the model is rebuilt from
-    its saved metadata) or a training config (its output_dir's adapter is used).
-    ``base`` is the base's weights (or model directory) when they are no longer where
-    the adapter says.
+    its saved metadata) or a training config (its output_dir's adapter is used). An
+    adapter's class_path model is built only as ``code`` (see :func:`model_code_for`)
+    allows; without it such an adapter is a UserError. ``base`` is the base's weights
+    (or model directory) when they are no longer where the adapter says.
     """
     from .adapter import load_adapter
-    from .pipeline import autocast_for, batches, build_base, load_heldout, resolve_device, search_path_of
+    from .pipeline import autocast_for, batches, build_base, load_heldout, resolve_device
 
-    cfg, adapter = _source(source, base=base, data=data)
+    cfg, adapter, search = _source(source, code, base=base, data=data)
     meta = adapter.meta
     held = load_heldout(cfg, data, label_map=meta.get("label_map"), features=meta.get("features"))
     device = resolve_device(cfg.device)
@@ -224,7 +251,6 @@ def compare(source: str | os.PathLike, *, data: str | None = None, merged: str |
         return evaluate(model, batches(held.eval, order, size, pad), cfg.task,
                         num_classes=held.num_classes, device=device, autocast=autocast)
 
-    search = search_path_of(adapter)
     model, _, _ = build_base(cfg, held, search_path=search)
     base_metrics = run(model)
     if merged:
@@ -257,27 +283,31 @@ TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-6, torch.bfloat16: 5e-2, tor
 @dataclass
 class VerifyInputs:
     """What ``lora-merge --verify`` needs, gathered before anything is merged, so that a
-    missing piece (no held-out data, say) stops the command before it writes."""
+    missing piece (no held-out data, an unconfirmed class_path) stops the command before
+    it writes."""
 
     cfg: object
     adapter: object
     held: object
     base: str
+    search: str | None = None      # the folder a class_path model is imported from (the user's choice)
 
 
 def prepare_verification(adapter_path: str | os.PathLike, base: str | os.PathLike, *,
-                         data: str | None = None) -> VerifyInputs:
-    """Read the adapter, rebuild its config for ``base`` and load the inputs: ``data``,
-    else the data the adapter names (its eval file, else its training file: any inputs
-    tell whether two models compute the same function)."""
+                         data: str | None = None, code=None) -> VerifyInputs:
+    """Read the adapter, rebuild its config for ``base`` (a class_path model only as
+    ``code``, a ModelCode from :func:`lora_cli.pipeline.model_code`, allows) and load the
+    inputs: ``data``, else the data the adapter names (its eval file, else its training
+    file: any inputs tell whether two models compute the same function)."""
     from .adapter import read_adapter
     from .pipeline import config_from_adapter, load_heldout
 
     adapter = read_adapter(adapter_path)
-    cfg = config_from_adapter(adapter, base=base, data=data)
+    cfg = config_from_adapter(adapter, code, base=base, data=data)
     meta = adapter.meta
     held = load_heldout(cfg, data, label_map=meta.get("label_map"), features=meta.get("features"), any_split=True)
-    return VerifyInputs(cfg=cfg, adapter=adapter, held=held, base=str(base))
+    return VerifyInputs(cfg=cfg, adapter=adapter, held=held, base=str(base),
+                        search=code.folder if code is not None else None)
 
 
 def stored_float_dtypes(path: str | os.PathLike) -> set[torch.dtype]:
@@ -303,10 +333,9 @@ def verify_merge(inputs: VerifyInputs, merged: str | os.PathLike, *, max_batches
     stored in a lower precision than float32.
     """
     from .adapter import load_adapter
-    from .pipeline import batches, build_base, search_path_of
+    from .pipeline import batches, build_base
 
-    cfg, adapter, held = inputs.cfg, inputs.adapter, inputs.held
-    search = search_path_of(adapter)
+    cfg, adapter, held, search = inputs.cfg, inputs.adapter, inputs.held, inputs.search
     adapted, _, _ = build_base(cfg, held, search_path=search, weights=inputs.base)
     load_adapter(adapted, adapter, check_base=False)
     merged_model, _, _ = build_base(cfg, held, search_path=search, weights=str(merged))

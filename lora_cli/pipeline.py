@@ -2,7 +2,8 @@
 
 The walk is straight: config -> data -> model (+ base weights) -> inject. Both
 ``lora-train`` and ``lora-eval`` stand on it; an adapter's saved metadata holds what is
-needed to walk it again without the original config.
+needed to walk it again without the original config. That metadata is data: a
+``class_path`` it records is imported only as the user allows (:func:`model_code`).
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from torch import nn
 
 from . import data as datalib
 from .adapter import Adapter, base_fingerprint
-from .config import Config, config_from_dict, config_to_dict
-from .errors import ConfigError, UserError
+from .config import _CLASS_PATH, Config, config_from_dict, config_to_dict
+from .errors import AdapterError, ConfigError, UserError
 from .inject import apply_lora, get_spec, lora_layers
-from .models import build_model, infer_args, load_base_weights
+from .models import build_model, infer_args, load_base_weights, module_origin
+from .models.weights import first_non_finite
 from .tokenizer import ByteTokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -165,36 +167,100 @@ def load_heldout(cfg: Config, path: str | None = None, *, label_map: dict | None
 PEFT_TASKS = {"CAUSAL_LM": "causal_lm", "SEQ_CLS": "classification"}
 
 
-def config_from_adapter(adapter: Adapter, *, base: str | os.PathLike | None = None,
-                        data: str | None = None) -> Config:
+@dataclass(frozen=True)
+class CodeChoice:
+    """What the user allows an adapter's model to import, on the command line."""
+
+    model_code: str | None = None       # --model-code module:Class
+    model_path: str | None = None       # --model-path DIR (default: the current directory)
+    trust_adapter_code: bool = False    # --trust-adapter-code
+
+    @property
+    def given(self) -> list[str]:
+        """The flags the user passed."""
+        return [flag for flag, value in (("--model-code", self.model_code), ("--model-path", self.model_path),
+                                         ("--trust-adapter-code", self.trust_adapter_code)) if value]
+
+
+@dataclass(frozen=True)
+class ModelCode:
+    """A model class the user allowed: what is imported, from which folder, found where."""
+
+    class_path: str
+    folder: str       # put first on sys.path while importing
+    origin: str       # the file or folder the module comes from (looked up without running it)
+    args: dict        # what the class is called with: the adapter's model_args
+    via: str          # the flag that allowed it
+
+
+def model_code(adapter: Adapter, choice: CodeChoice) -> ModelCode | None:
+    """The code rebuilding ``adapter``'s model imports, as the user's ``choice`` allows it;
+    None for a built-in arch or a Hugging Face model, which import nothing of the user's.
+
+    An adapter is data: a ``class_path`` it records is imported only when the user
+    confirms it (``--model-code``, which may also name another class) or trusts the
+    adapter for it (``--trust-adapter-code``), and always from ``choice.model_path`` (the
+    current directory by default), never from a folder the adapter names. Without either,
+    a UserError says what the adapter asks to import. Nothing is imported here.
+    """
+    cfg = _saved_config(adapter) if "config" in adapter.meta else None   # None: written by PEFT, an HF model
+    recorded = cfg.model.class_path if cfg is not None else None
+    flags = choice.given
+    if recorded is None:
+        if flags:
+            kind = f"the built-in arch {cfg.model.arch!r}" if cfg is not None and cfg.model.arch \
+                else "a Hugging Face model"
+            raise UserError(f"this adapter's model is {kind}, which needs no code of yours", where=flags[0],
+                            fix=f"leave out {' and '.join(flags)}")
+        return None
+    if choice.model_code and choice.trust_adapter_code:
+        raise UserError("--model-code names the class to import, --trust-adapter-code takes the adapter's",
+                        where="--model-code", fix="pass one of them")
+    if not (choice.model_code or choice.trust_adapter_code):
+        if choice.model_path:
+            raise UserError("--model-path says where to import the model's code from, but nothing allows the "
+                            f"import of {recorded!r}", where="--model-path",
+                            fix=f"add --model-code {recorded} (or --trust-adapter-code)")
+        raise _unconfirmed(adapter, recorded, cfg.model.args)
+    class_path = choice.model_code or recorded
+    if choice.model_code and not _CLASS_PATH.fullmatch(class_path):
+        raise UserError(f"must look like 'package.module:ClassName', got {class_path!r}", where="--model-code",
+                        fix=f"e.g. --model-code {recorded}")
+    folder = Path(choice.model_path or ".").resolve()
+    if not folder.is_dir():
+        raise UserError("folder not found", where=f"--model-path {choice.model_path}",
+                        fix="name the folder that holds the model's module")
+    return ModelCode(class_path=class_path, folder=str(folder), origin=module_origin(class_path, folder),
+                     args=dict(cfg.model.args),
+                     via="--model-code" if choice.model_code else "--trust-adapter-code")
+
+
+def _unconfirmed(adapter: Adapter, class_path: str, args: dict) -> UserError:
+    shown = repr(args) if len(repr(args)) <= 160 else repr(args)[:157] + "..."
+    return UserError(f"this adapter asks to import {class_path!r} and call it with {shown} to build its model; "
+                     "lora-cli does not run code that an adapter names", where=adapter.source,
+                     fix=f"only if you trust that code: confirm it with --model-code {class_path} (and --model-path "
+                         "DIR, the folder holding its module; default: the current directory), or pass "
+                         "--trust-adapter-code")
+
+
+def config_from_adapter(adapter: Adapter, code: ModelCode | None = None, *,
+                        base: str | os.PathLike | None = None, data: str | None = None) -> Config:
     """The config an adapter was trained with, as saved in its metadata; for a PEFT
     adapter of a Hugging Face model, one rebuilt from its base path and task type.
 
-    ``base`` replaces the base it names (model.base, or model.hf for a model directory):
-    the adapter may have been copied from another machine. ``data`` is the held-out file
-    the caller will read; a PEFT adapter records none, so it becomes the config's data.
+    A recorded ``model.class_path`` is replaced by ``code`` (from :func:`model_code`, the
+    user's confirmation); without one it is refused: the config is never a way for an
+    adapter to import something. ``base`` replaces the base it names (model.base, or
+    model.hf for a model directory): the adapter may have been copied from another
+    machine. ``data`` is the held-out file the caller will read; a PEFT adapter records
+    none, so it becomes the config's data.
     """
-    meta = adapter.meta
-    if "config" in meta:
-        values = dict(meta["config"])
-        values["model"] = {**values["model"], "args": meta.get("model_args", values["model"].get("args", {}))}
-        source = f"{adapter.source} (saved config)"
-    else:
-        hf_base = str(base) if base else adapter.config.get("base_model_name_or_path")
-        task = PEFT_TASKS.get(adapter.config.get("task_type"))
-        if not hf_base or not task or not Path(hf_base).is_dir():
-            raise UserError("this adapter has no lora-cli metadata, and its base_model_name_or_path/task_type do "
-                            "not name a local model directory and a causal_lm or classification task",
-                            where=adapter.source,
-                            fix="pass the base model directory (lora-eval --base DIR), or a training config "
-                                "(model.hf: DIR) instead of the adapter")
-        if not data:
-            raise UserError("this adapter records no data to evaluate on (it was written by another tool)",
-                            where=adapter.source, fix="pass --data FILE with held-out examples (.jsonl)")
-        values = {"task": task, "model": {"hf": hf_base}, "data": {"train": data},
-                  "lora": {"rank": adapter.config.get("r", 8), "alpha": adapter.config.get("lora_alpha", 8)}}
-        source = f"{adapter.source} (from its PEFT config)"
-    cfg = config_from_dict(values, source=source, check_files=False)
+    cfg = _saved_config(adapter, base=base, data=data)
+    if cfg.model.class_path is not None:
+        if code is None:
+            raise _unconfirmed(adapter, cfg.model.class_path, cfg.model.args)
+        cfg = dc_replace(cfg, model=dc_replace(cfg.model, class_path=code.class_path))
     if base:
         return with_base(cfg, base)
     recorded = cfg.model.hf or cfg.model.base
@@ -215,9 +281,36 @@ def with_base(cfg: Config, base: str | os.PathLike) -> Config:
     return dc_replace(cfg, model=dc_replace(cfg.model, base=base))
 
 
-def search_path_of(adapter: Adapter) -> str | None:
-    """The folder a class_path model was imported from when the adapter was trained."""
-    return adapter.meta.get("search_path")
+def _saved_config(adapter: Adapter, *, base: str | os.PathLike | None = None, data: str | None = None) -> Config:
+    """The adapter's config as recorded (validated, nothing imported); a PEFT adapter's
+    rebuilt from its base (``base``, else base_model_name_or_path) and task type, with
+    ``data`` as its data."""
+    meta = adapter.meta
+    if not isinstance(meta, dict):
+        raise AdapterError("adapter_config.json's 'lora_cli' entry is not a JSON object", where=adapter.source,
+                           fix="save the adapter again with lora-train")
+    if "config" in meta:
+        values = meta["config"]
+        if not isinstance(values, dict) or not isinstance(values.get("model"), dict):
+            raise AdapterError("the adapter's saved config (lora_cli.config, with its model section) is not a "
+                               "JSON object", where=adapter.source, fix="save the adapter again with lora-train")
+        values = {**values, "model": {**values["model"],
+                                      "args": meta.get("model_args", values["model"].get("args", {}))}}
+        return config_from_dict(values, source=f"{adapter.source} (saved config)", check_files=False)
+    hf_base = str(base) if base else adapter.config.get("base_model_name_or_path")
+    task = PEFT_TASKS.get(adapter.config.get("task_type"))
+    if not hf_base or not task or not Path(hf_base).is_dir():
+        raise UserError("this adapter has no lora-cli metadata, and its base_model_name_or_path/task_type do "
+                        "not name a local model directory and a causal_lm or classification task",
+                        where=adapter.source,
+                        fix="pass the base model directory (lora-eval --base DIR), or a training config "
+                            "(model.hf: DIR) instead of the adapter")
+    if not data:
+        raise UserError("this adapter records no data to evaluate on (it was written by another tool)",
+                        where=adapter.source, fix="pass --data FILE with held-out examples (.jsonl)")
+    values = {"task": task, "model": {"hf": hf_base}, "data": {"train": data},
+              "lora": {"rank": adapter.config.get("r", 8), "alpha": adapter.config.get("lora_alpha", 8)}}
+    return config_from_dict(values, source=f"{adapter.source} (from its PEFT config)", check_files=False)
 
 
 def build_base(cfg: Config, data: Datasets, *, search_path: str | os.PathLike | None = None,
@@ -289,9 +382,15 @@ def build(cfg: Config, *, search_path: str | os.PathLike | None = None) -> Built
                      "prompt to the completion usually avoids this")
     fingerprint = base_fingerprint(model)
     if cfg.dtype != "float32":   # frozen base tensors in the compute dtype, trainable ones float32
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             if not p.requires_grad:
-                p.data = p.data.to(DTYPES[cfg.dtype])
+                cast = p.data.to(DTYPES[cfg.dtype])
+                if first_non_finite(cast) is not None and first_non_finite(p.data) is None:
+                    raise ConfigError([f"dtype: the base tensor '{name}' overflows {cfg.dtype} (its largest "
+                                       f"|value| is {float(p.data.abs().max()):.4g}, above "
+                                       f"{torch.finfo(DTYPES[cfg.dtype]).max:.4g})"],
+                                      fix="use dtype: bfloat16 (the range of float32) or float32")
+                p.data = cast
     return Built(model=model, data=data, model_args=args, notes=notes,
                  search_path=str(search_path) if search_path else None, fingerprint=fingerprint)
 

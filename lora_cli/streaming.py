@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .errors import ModelError
+from .files import inside
 
 DTYPE_CODES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -202,23 +203,46 @@ def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+def index_files(directory: str | os.PathLike, name: str = INDEX_NAME) -> list[Path]:
+    """The files a shard index in ``directory`` names (its ``weight_map`` values), checked:
+    each must be a plain file name in the directory, not a path that leaves it (``../x``,
+    an absolute path, a symlink pointing out), and must exist."""
+    directory = Path(directory)
+    index = directory / name
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        names = set(weight_map.values())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        raise ModelError(f"invalid shard index: {type(exc).__name__}: {exc}", where=str(index),
+                         fix="the index must be a JSON object whose weight_map maps tensor names to shard "
+                             "file names") from None
+    for f in sorted(names, key=str):
+        if not isinstance(f, str) or not f or Path(f).name != f or f in (".", ".."):
+            raise ModelError(f"the index names the shard {f!r}, which is not a file name in this folder",
+                             where=str(index), fix="shard entries are plain file names beside the index")
+        if (directory / f).is_symlink() and not inside(directory, directory / f):
+            raise ModelError(f"the shard {f!r} is a symlink to {os.path.realpath(directory / f)}, outside the "
+                             "model folder", where=str(index), fix=RESOLVE_LINKS)
+        if not (directory / f).is_file():
+            raise ModelError(f"shard {f} named by the index is missing", where=str(index))
+    return [directory / f for f in sorted(names)]
+
+
+RESOLVE_LINKS = ("lora-cli reads nothing from outside the folder you name; if the links are yours (a Hugging Face "
+                  "cache snapshot, say), copy the folder with its links resolved (cp -rL) and use the copy")
+
+
 def shard_files(directory: str | os.PathLike) -> list[Path]:
     """The safetensors files of a model directory: the shards its index names, or the
-    single ``model.safetensors``."""
+    single ``model.safetensors``; none of them may lie outside the directory."""
     directory = Path(directory)
-    index = directory / INDEX_NAME
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ModelError(f"invalid shard index: {exc}", where=str(index)) from None
-        files = sorted(set(weight_map.values()))
-        missing = [f for f in files if not (directory / f).exists()]
-        if missing:
-            raise ModelError(f"shard {missing[0]} named by the index is missing", where=str(index))
-        return [directory / f for f in files]
+    if (directory / INDEX_NAME).exists():
+        return index_files(directory)
     files = sorted(directory.glob("*.safetensors"))
     if len(files) == 1:
+        if not inside(directory, files[0]):
+            raise ModelError(f"{files[0].name} is a symlink to {os.path.realpath(files[0])}, outside the model "
+                             "folder", where=str(directory), fix=RESOLVE_LINKS)
         return files
     raise ModelError("no model.safetensors (or shard index) in this directory" if not files else
                      f"{len(files)} safetensors files but no {INDEX_NAME}", where=str(directory),

@@ -38,7 +38,7 @@ from .config import Config, config_to_dict, dump_config
 from .distributed import SINGLE, World
 from .errors import UserError
 from .evaluate import evaluate, forward, ignore_rows, loss_fn, loss_items
-from .files import remove, write_atomic
+from .files import LOCK_NAME, remove, remove_stale_temps, run_lock, write_atomic
 from .fused import shared_dropout
 from .inject import AdaptSummary, summarize
 from .pipeline import Built, adapter_metadata, autocast_for, batches, build, cpu_threads, peft_fields, resolve_device
@@ -162,7 +162,7 @@ def prepare_output_dir(path: Path, overwrite: bool) -> None:
     """Refuse a non-empty output_dir unless ``overwrite``; then remove only what a run owns."""
     if path.exists() and not path.is_dir():
         raise UserError("output_dir exists and is a file", where=str(path), fix="choose another output_dir")
-    if path.is_dir() and any(path.iterdir()):
+    if path.is_dir() and any(p.name != LOCK_NAME for p in path.iterdir()):   # the run's own lock is not a run
         if not overwrite:
             raise UserError("output_dir already exists and is not empty", where=str(path),
                             fix="pass --overwrite to replace its run, or set output_dir=<new folder>")
@@ -288,17 +288,21 @@ def _stop_on_signals():
 
 def train(cfg: Config, *, reporter: Reporter | None = None, overwrite: bool = False, resume: bool = False,
           search_path: str | os.PathLike | None = None, prepared: Plan | None = None,
-          world: World = SINGLE) -> TrainResult:
+          world: World = SINGLE, allow_changed_data: bool = False) -> TrainResult:
     """Train the adapter ``cfg`` describes and write it to ``cfg.output_dir``.
 
     With ``resume`` (or ``train.resume: auto``) the run continues from the newest
-    complete checkpoint in output_dir and ends exactly as an uninterrupted run would.
+    complete checkpoint in output_dir and ends exactly as an uninterrupted run would; it
+    is refused when the data files or the base weights changed since the checkpoint,
+    unless ``allow_changed_data``. Rank 0 holds output_dir's lock for the whole run, so a
+    second run on the same folder stops with a UserError naming this one's PID.
     ``world`` is this worker's place in a multi-worker run (see :mod:`lora_cli.distributed`);
     every worker calls ``train`` and gets the same result, rank 0 writes the files.
     """
     reporter = (reporter or _Silent()) if world.is_main else _Silent()
     out = Path(cfg.output_dir)
-    with dist.peer_failures(world):
+    with dist.peer_failures(world), contextlib.ExitStack() as held:
+        world.on_main(lambda: _own_output_dir(held, out))
         start = world.on_main(lambda: _resume_point(out, cfg, resume))
 
         def setup() -> tuple[Plan, list[str]]:
@@ -308,12 +312,14 @@ def train(cfg: Config, *, reporter: Reporter | None = None, overwrite: bool = Fa
             return p, notes
 
         p, notes = world.on_all(setup)
+        inputs, changed = world.on_main(lambda: _check_inputs(p.cfg, start, allow_changed_data))
+        notes = [*notes, *changed]
         restored = world.on_main(lambda: ckpt.read_checkpoint(start[0])) if start else None
         if restored is None:
             world.on_main(lambda: _start_output_dir(out, p.cfg, overwrite))
         else:
             world.on_all(lambda: load_adapter_weights(p.built.model, restored.adapter))
-        run = _Run(p, out, reporter)
+        run = _Run(p, out, reporter, inputs)
         if restored is not None:
             notes = [f"resuming from {restored.path} (step {restored.loop.step})", *notes, *run.restore(restored)]
         p.built.notes.extend(notes)
@@ -340,9 +346,10 @@ class _Run:
     sharded in place), optimizer, schedule, scaler, the loop position, and the files
     rank 0 writes (metrics.jsonl, checkpoints, the adapter)."""
 
-    def __init__(self, p: Plan, out: Path, reporter: Reporter):
+    def __init__(self, p: Plan, out: Path, reporter: Reporter, inputs: dict | None = None):
         cfg, t, world, model = p.cfg, p.cfg.train, p.world, p.built.model
         self.p, self.cfg, self.t, self.world, self.out, self.reporter = p, cfg, t, world, out, reporter
+        self.inputs = inputs                                # fingerprints of the data and base, for checkpoints
         self.data = p.built.data
         # what adapter files hold, worked out on the whole model before any sharding
         self.adapter_config = adapter_config(model, metadata=adapter_metadata(cfg, p.built), **peft_fields(cfg))
@@ -526,7 +533,7 @@ class _Run:
         path = self.world.on_main(lambda: ckpt.save_checkpoint(
             self.out, step=self.loop.step, epoch=self.loop.epoch, adapter_config=self.adapter_config,
             adapter_tensors=tensors, state=state, config=self.saved_config, workers=self.world.size,
-            keep_last=self.t.keep_last))
+            keep_last=self.t.keep_last, inputs=self.inputs))
         self.checkpoint_seconds += time.perf_counter() - started
         return path
 
@@ -543,6 +550,27 @@ class _Run:
     def close(self) -> None:
         if self.log is not None:
             self.log.close()
+
+
+def _own_output_dir(held: contextlib.ExitStack, out: Path) -> None:
+    """Take output_dir's lock until ``held`` closes, and clear what killed runs left there."""
+    held.enter_context(run_lock(out))
+    remove_stale_temps(out, names=OWNED)
+    remove_stale_temps(out / ckpt.DIRNAME)
+
+
+def _check_inputs(cfg: Config, start: tuple[ckpt.Checkpoint, dict] | None,
+                  allow_changed: bool) -> tuple[dict | None, list[str]]:
+    """Fingerprints of the run's data files and base weights (when it writes checkpoints or
+    resumes from one), and notes; resuming after one of them changed is refused unless
+    ``allow_changed``."""
+    if start is None and not cfg.train.save_every:
+        return None, []
+    files = {"data.train": cfg.data.train, "data.eval": cfg.data.eval, "model.base": cfg.model.base,
+             "model.hf": cfg.model.hf}
+    inputs = ckpt.input_fingerprints(files)
+    notes = ckpt.changed_inputs(start[1], inputs, start[0].path, allow=allow_changed) if start else []
+    return inputs, notes
 
 
 def _start_output_dir(out: Path, cfg: Config, overwrite: bool) -> None:

@@ -7,6 +7,8 @@ transformers' config classes into a temporary directory: nothing is downloaded.
 from __future__ import annotations
 
 import json
+import shutil
+import uuid
 from pathlib import Path
 
 import pytest
@@ -325,3 +327,117 @@ def test_an_inexact_join_is_counted_and_noted(hub: Path, monkeypatch):
     n = sum("3" in r["prompt"] for r in map(json.loads, (hub / "train.jsonl").read_text().splitlines()))
     assert p.built.data.train.inexact_joins == n > 0
     assert any(note.startswith(f"{n} of {len(p.built.data.train)} training examples") for note in p.built.notes)
+
+
+# --- no code from a model folder, and nothing from outside it (issue 14, points 2 and 3) --------------
+
+EVIL = "import pathlib\npathlib.Path({marker!r}).touch()\n"
+
+
+def _folder_with_code(hub: Path, name: str, config: dict | None = None, tokenizer: dict | None = None) -> Path:
+    """A copy of llama/ with ``config`` / ``tokenizer`` merged into its config.json and
+    tokenizer_config.json, and evil_code.py beside them, which creates MARKER (in the
+    folder) if anything ever imports it."""
+    folder = hub / name
+    shutil.copytree(hub / "llama", folder)
+    (folder / "evil_code.py").write_text(EVIL.format(marker=str(folder / "MARKER")))
+    for file, changes in (("config.json", config), ("tokenizer_config.json", tokenizer)):
+        if changes:
+            data = json.loads((folder / file).read_text())
+            (folder / file).write_text(json.dumps({**data, **changes}))
+    return folder
+
+
+CUSTOM = {"AutoConfig": "evil_code.EvilConfig", "AutoModelForCausalLM": "evil_code.EvilModel"}
+
+
+@pytest.mark.parametrize("config, tokenizer, expect", [
+    ({"model_type": "qs-custom", "auto_map": CUSTOM}, None, "model_type 'qs-custom', which transformers"),
+    ({"model_type": "qs-custom"}, None, "does not know"),
+    (None, {"tokenizer_class": "EvilTokenizerFast",
+            "auto_map": {"AutoTokenizer": ["evil_code.EvilTokenizer", "evil_code.EvilTokenizerFast"]}},
+     "needs its own Python code"),
+], ids=["auto-map", "unknown-type", "custom-tokenizer"])
+def test_a_model_folder_that_needs_its_own_code_is_refused_without_running_it(hub: Path, config, tokenizer,
+                                                                              expect):
+    folder = _folder_with_code(hub, f"custom-{uuid.uuid4().hex[:6]}", config, tokenizer)
+    result = invoke("train", write_config(hub, folder.name, model={"hf": str(folder)}), "--dry-run")
+    assert result.exit_code == 2, result.output
+    assert expect in " ".join(result.output.split()) and "Traceback" not in result.output
+    assert not (folder / "MARKER").exists()
+
+
+def test_an_auto_map_beside_a_built_in_model_type_is_ignored_not_run(hub: Path):
+    folder = _folder_with_code(hub, "llama-with-auto-map", {"auto_map": {**CUSTOM, "AutoTokenizer": [
+        "evil_code.EvilTokenizer", None]}}, {"auto_map": {"AutoTokenizer": ["evil_code.EvilTokenizer", None]}})
+    result = invoke("train", write_config(hub, folder.name, model={"hf": str(folder)}), "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert not (folder / "MARKER").exists()
+
+
+def test_a_peft_adapter_naming_a_folder_with_code_is_refused_by_eval(hub: Path):
+    _peft_adapter(hub, "llama", "CAUSAL_LM", ["q_proj"], "peft-custom")
+    folder = _folder_with_code(hub, "custom-for-peft", {"model_type": "qs-custom", "auto_map": CUSTOM})
+    config = json.loads((hub / "peft-custom" / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(folder)
+    (hub / "peft-custom" / "adapter_config.json").write_text(json.dumps(config))
+    result = invoke("eval", hub / "peft-custom", "--data", hub / "eval.jsonl")
+    assert result.exit_code == 2 and "never runs code" in " ".join(result.output.split()), result.output
+    assert not (folder / "MARKER").exists()
+
+
+def test_every_transformers_load_is_local_and_trusts_no_remote_code(hub: Path, monkeypatch):
+    from lora_cli.models import hf
+
+    seen = []
+    for cls in (transformers.AutoTokenizer, transformers.AutoModelForCausalLM,
+                transformers.AutoModelForSequenceClassification):
+        original = cls.from_pretrained.__func__
+
+        def recording(klass, *args, _original=original, **kwargs):
+            seen.append((klass.__name__, kwargs.get("trust_remote_code"), kwargs.get("local_files_only")))
+            return _original(klass, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(recording))
+    tok = hf.load_tokenizer(hub / "llama")
+    hf.load_model(hub / "llama", task="causal_lm")
+    hf.load_model(hub / "llama", task="classification", label_map={"a": 0, "b": 1}, pad_id=tok.pad_id)
+    assert {name for name, _, _ in seen} >= {"AutoTokenizer", "AutoModelForCausalLM",
+                                             "AutoModelForSequenceClassification"}
+    assert all(trust is False and local is True for _, trust, local in seen), seen
+
+
+def test_a_shard_index_naming_a_file_outside_the_folder_is_refused_before_loading(hub: Path):
+    folder = hub / "llama-index-out"
+    shutil.copytree(hub / "llama", folder)
+    from safetensors.torch import load_file
+    keys = list(load_file(folder / "model.safetensors"))
+    (folder / "model.safetensors").rename(hub / "outside.safetensors")
+    index = {"metadata": {}, "weight_map": {k: "../outside.safetensors" for k in keys}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    result = invoke("train", write_config(hub, folder.name, model={"hf": str(folder)}), "--dry-run")
+    assert result.exit_code == 2, result.output
+    assert "the index names the shard '../outside.safetensors'" in " ".join(result.output.split())
+
+
+class _Touch:
+    """Unpickling this would create a file."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+def test_a_pickled_weights_file_that_would_run_code_is_refused(hub: Path):
+    folder = hub / "llama-evil-bin"
+    shutil.copytree(hub / "llama", folder)
+    from safetensors.torch import load_file
+    state = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    torch.save({**state, "lm_head.weight": _Touch(folder / "MARKER")}, folder / "pytorch_model.bin")
+    result = invoke("train", write_config(hub, folder.name, model={"hf": str(folder)}), "--dry-run")
+    assert result.exit_code == 2, result.output
+    assert "would run code" in " ".join(result.output.split()) and "Traceback" not in result.output
+    assert not (folder / "MARKER").exists()

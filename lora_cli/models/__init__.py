@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.util
 import inspect
 import os
 import sys
@@ -27,7 +28,7 @@ from .builtin import ARCHS, MLP, GPT, LinearModel
 from .weights import load_base_weights, read_state_dict, save_state_dict
 
 __all__ = [
-    "ARCHS", "GPT", "MLP", "LinearModel", "build_model", "infer_args",
+    "ARCHS", "GPT", "MLP", "LinearModel", "build_model", "infer_args", "module_origin",
     "load_base_weights", "read_state_dict", "save_state_dict",
 ]
 
@@ -53,6 +54,28 @@ def _first_on_sys_path(folder: str | os.PathLike | None):
             sys.path.remove(folder)
         except ValueError:
             pass
+
+
+def module_origin(class_path: str, search_path: str | os.PathLike | None = None) -> str:
+    """Where the module of ``class_path`` would be imported from, found without running
+    any of it: a file, a package's folder, or why there is none."""
+    top = class_path.partition(":")[0].partition(".")[0]
+    if not top.isidentifier():
+        return f"nowhere ({top!r} is not a module name)"
+    loaded = sys.modules.get(top)
+    if loaded is not None:
+        return getattr(loaded, "__file__", None) or f"Python itself (the module {top!r} is built in)"
+    with _first_on_sys_path(search_path):
+        try:
+            spec = importlib.util.find_spec(top)   # a top-level name: finds, imports nothing
+        except (ImportError, ValueError):
+            spec = None
+    if spec is None:
+        return f"nowhere (no module named {top!r} is on the search path)"
+    if spec.origin and spec.origin not in ("built-in", "frozen"):
+        return spec.origin
+    locations = list(spec.submodule_search_locations or [])
+    return locations[0] if locations else f"Python itself (the module {top!r} is {spec.origin or 'built in'})"
 
 
 def _import_class_path(class_path: str, search_path) -> object:

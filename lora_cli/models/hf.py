@@ -1,18 +1,27 @@
 """Hugging Face transformer models from a local directory (the ``hf`` extra).
 
-Only local files are read (``local_files_only=True``): nothing is downloaded. The
-tokenizer comes from the same directory and is wrapped to the three members the data
-loaders use (``encode``, ``eos_id``, ``pad_id``), plus chat rendering and decoding.
+Only local files are read (``local_files_only=True``): nothing is downloaded. No code
+from the directory is ever run: every load passes ``trust_remote_code=False`` (which
+also keeps transformers from asking about it on the terminal), and a ``config.json``
+whose model_type transformers does not know, which only the folder's own code could
+build, is refused up front. A shard index naming files outside the directory is refused
+before transformers reads it. The tokenizer comes from the same directory and is wrapped
+to the three members the data loaders use (``encode``, ``eos_id``, ``pad_id``), plus
+chat rendering and decoding.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import pickle
 from pathlib import Path
 
 from torch import nn
 
 from ..errors import ModelError
+from ..streaming import index_files
+from .weights import check_finite
 
 TASK_TYPES = {"causal_lm": "CAUSAL_LM", "classification": "SEQ_CLS"}
 
@@ -28,7 +37,11 @@ def _transformers():
     return transformers
 
 
-def _check_dir(path: str | os.PathLike) -> Path:
+NO_REMOTE_CODE = {"local_files_only": True, "trust_remote_code": False}
+INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def _check_dir(path: str | os.PathLike, transformers=None) -> Path:
     path = Path(path)
     if not path.is_dir():
         raise ModelError("model directory not found", where=str(path),
@@ -36,7 +49,43 @@ def _check_dir(path: str | os.PathLike) -> Path:
     if not (path / "config.json").exists():
         raise ModelError("no config.json in this directory", where=str(path),
                          fix="point model.hf at a directory saved with save_pretrained")
+    for name in INDEX_NAMES:
+        if (path / name).exists():
+            index_files(path, name)
+    if transformers is not None:
+        _check_no_custom_code(path, transformers)
     return path
+
+
+def _check_no_custom_code(path: Path, transformers) -> None:
+    """Refuse a folder whose model only its own Python code could build (lora-cli never runs it)."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return   # transformers reports an unreadable config itself
+    if not isinstance(config, dict):
+        return
+    model_type = config.get("model_type")
+    known = transformers.models.auto.configuration_auto.CONFIG_MAPPING_NAMES
+    if isinstance(model_type, str) and model_type in known:
+        return   # built by transformers' own class; an auto_map in the folder is ignored, never run
+    auto_map = config.get("auto_map")
+    custom = f" its own Python code ({', '.join(map(str, auto_map.values()))})" if isinstance(auto_map, dict) \
+        and auto_map else ""
+    raise ModelError(f"config.json has model_type {model_type!r}, which transformers {transformers.__version__} "
+                     f"does not know{': only' + custom + ' could build it' if custom else ''}; lora-cli never "
+                     "runs code from a model folder", where=str(path / "config.json"),
+                     fix="use a model whose architecture transformers has built in (or a transformers version "
+                         "that has this one)")
+
+
+def _custom_code_error(exc: Exception, path: Path) -> ModelError | None:
+    """transformers' refusal of a folder's own code, said plainly (its fix, trust_remote_code=True, is not ours)."""
+    if "custom code" not in str(exc) and "trust_remote_code" not in str(exc):
+        return None
+    return ModelError("this model folder needs its own Python code to load, and lora-cli never runs code from a "
+                      "model folder", where=str(path),
+                      fix="use a model whose architecture transformers has built in")
 
 
 class HFTokenizer:
@@ -116,12 +165,13 @@ class HFTokenizer:
 
 def load_tokenizer(path: str | os.PathLike) -> HFTokenizer:
     transformers = _transformers()
-    path = _check_dir(path)
+    path = _check_dir(path, transformers)
     try:
-        tok = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        tok = transformers.AutoTokenizer.from_pretrained(str(path), **NO_REMOTE_CODE)
     except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot load the tokenizer: {exc}", where=str(path),
-                         fix="the directory needs the tokenizer files saved with the model") from None
+        raise _custom_code_error(exc, path) or ModelError(
+            f"cannot load the tokenizer: {exc}", where=str(path),
+            fix="the directory needs the tokenizer files saved with the model") from None
     return HFTokenizer(tok)
 
 
@@ -129,9 +179,9 @@ def load_model(path: str | os.PathLike, *, task: str, label_map: dict[str, int] 
                pad_id: int | None = None) -> nn.Module:
     """The causal LM, or the sequence classifier with ``len(label_map)`` labels, in float32."""
     transformers = _transformers()
-    path = _check_dir(path)
+    path = _check_dir(path, transformers)
     import torch
-    kwargs = {"local_files_only": True, "dtype": torch.float32}
+    kwargs = {**NO_REMOTE_CODE, "dtype": torch.float32}
     try:
         if task == "causal_lm":
             model = transformers.AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
@@ -145,9 +195,16 @@ def load_model(path: str | os.PathLike, *, task: str, label_map: dict[str, int] 
         else:
             raise ModelError(f"task {task!r} is not available for Hugging Face models", where="task",
                              fix="use task: causal_lm or classification with model.hf")
+    except pickle.UnpicklingError:
+        raise ModelError("a weights file in this folder is a pickle that would run code when loaded; lora-cli "
+                         "never unpickles arbitrary objects", where=str(path),
+                         fix="ONLY if you trust the folder, load it with transformers and save it again with "
+                             "save_pretrained() (safetensors)") from None
     except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot load the model: {exc}", where=str(path),
-                         fix="check that the directory holds a complete save_pretrained model") from None
+        raise _custom_code_error(exc, path) or ModelError(
+            f"cannot load the model: {exc}", where=str(path),
+            fix="check that the directory holds a complete save_pretrained model") from None
+    check_finite(model.state_dict().items(), where=str(path))
     return model
 
 

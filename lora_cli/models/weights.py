@@ -5,8 +5,8 @@ Reading never unpickles arbitrary objects: ``.safetensors`` files hold only tens
 refuses any pickle that would import or call something. Either way the result must be a
 flat mapping of ``str -> Tensor``.
 
-Loading a base into a model checks every key and shape first and only then copies, so an
-error never leaves a half-loaded model. LoRA tensors (``lora_A``, ``lora_B``,
+Loading a base into a model checks every key, shape and value (no NaN or inf) first and
+only then copies, so an error never leaves a half-loaded model. LoRA tensors (``lora_A``, ``lora_B``,
 ``lora_embedding_A``, ``lora_embedding_B``) live in adapters, not in base files, and are
 the only model keys a base file may lack.
 """
@@ -136,6 +136,28 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     )
 
 
+def first_non_finite(t: torch.Tensor) -> float | None:
+    """A NaN or inf value of ``t`` if it holds one (checked in chunks: no full-size mask)."""
+    if not t.is_floating_point() and not t.is_complex():
+        return None
+    flat = t.detach().reshape(-1)
+    for chunk in flat.split(1 << 24):
+        bad = ~torch.isfinite(chunk)
+        if bool(bad.any()):
+            return float(chunk[bad][0])
+    return None
+
+
+def check_finite(tensors, where: str) -> None:
+    """A ModelError naming the first of ``tensors`` ((name, tensor) pairs) that holds NaN or inf."""
+    for name, t in tensors:
+        bad = first_non_finite(t)
+        if bad is not None:
+            raise ModelError(f"the tensor '{name}' holds non-finite values ({bad}): training, evaluating or "
+                             "merging with it gives NaN", where=where,
+                             fix="use an intact copy of these weights (this one is corrupt or diverged)")
+
+
 def _lora_keys(model: nn.Module) -> set[str]:
     """State-dict keys of LoRA tensors: they belong to adapters, not to base files."""
     keys = set()
@@ -162,6 +184,7 @@ def load_base_weights(model: nn.Module, path: str | os.PathLike) -> None:
     """
     path = Path(path)
     sd = read_state_dict(path)
+    check_finite(sd.items(), where=str(path))
     own = model.state_dict(keep_vars=True)
     lora = _lora_keys(model)
     expected = {k: v for k, v in own.items() if k not in lora}
