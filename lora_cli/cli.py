@@ -114,7 +114,7 @@ def _launch_workers(cfg, config: Path, overrides, workers: int, *, overwrite: bo
 def _train_here(cfg, config: Path, overrides, *, world=None, **kwargs) -> None:
     from .console import ProgressReporter, show_interrupted, show_train_result
     from .distributed import SINGLE
-    from .train import Interrupted, train
+    from .train import Interrupted, SaveError, train
 
     world = world or SINGLE
     try:
@@ -123,6 +123,11 @@ def _train_here(cfg, config: Path, overrides, *, world=None, **kwargs) -> None:
         if world.is_main:
             show_interrupted(stop, resume_command=_resume_command(config, overrides, world.size))
         raise typer.Exit(stop.exit_code) from None
+    except SaveError as exc:
+        if exc.kept is not None:
+            exc.fix = ("fix the cause, then write the adapter from that copy with: "
+                       + _resume_command(config, overrides, world.size))
+        raise
     if world.is_main:
         show_train_result(result)
 
