@@ -206,8 +206,7 @@ def _contents(path: Path) -> tuple[list[str], list[str], list[str]]:
     results, foreign, leftovers = [], [], []
     for entry in sorted(path.iterdir()):
         name = entry.name
-        if name == ckpt.DIRNAME and entry.is_dir():
-            ckpt.clean_partial(path)
+        if name == ckpt.DIRNAME and entry.is_dir():     # none complete: at most a write cut short
             (results if ckpt.checkpoints(path) else leftovers).append(name)
         elif name in ("adapter", ckpt.UNSAVED):
             results.append(name)
