@@ -231,3 +231,18 @@ def test_fsdp_shards_a_hugging_face_model_and_trains_the_one_process_adapter(hub
     assert ours.keys() == reference.keys()
     for key in ours:
         torch.testing.assert_close(ours[key], reference[key], atol=ATOL, rtol=0, msg=key)
+
+
+@pytest.mark.parametrize("version, key", [("4.40.2", "torch_dtype"), ("4.56.0", "dtype"), ("5.24.0", "dtype")])
+def test_the_float32_request_uses_the_keyword_of_the_installed_transformers(hub, monkeypatch, version, key):
+    from lora_cli.models import hf
+    seen = {}
+
+    def from_pretrained(path, **kwargs):
+        seen.update(kwargs)
+        return torch.nn.Linear(1, 1)
+
+    monkeypatch.setattr(transformers, "__version__", version)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    hf.load_model(hub / "llama", task="causal_lm")
+    assert seen[key] is torch.float32 and ({"dtype", "torch_dtype"} - {key}).isdisjoint(seen)

@@ -8,6 +8,7 @@ loaders use (``encode``, ``eos_id``, ``pad_id``), plus chat rendering and decodi
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from torch import nn
@@ -85,7 +86,9 @@ def load_model(path: str | os.PathLike, *, task: str, label_map: dict[str, int] 
     transformers = _transformers()
     path = _check_dir(path)
     import torch
-    kwargs = {"local_files_only": True, "dtype": torch.float32}
+    major, minor = (int(v) for v in re.findall(r"\d+", transformers.__version__)[:2])
+    dtype_key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"     # renamed in 4.56
+    kwargs = {"local_files_only": True, dtype_key: torch.float32}
     try:
         if task == "causal_lm":
             model = transformers.AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
