@@ -22,8 +22,7 @@ order alternated per repeat. Startup is excluded: this script
 timestamps the rows of output_dir/metrics.jsonl as they appear and takes the time
 from the end of the first --skip-windows logging windows to the last row.
 
-Follows /work/shared/BENCHMARK.md: fresh processes, side-by-side ratios from one
-run, medians and spreads, JSON + markdown. See bench/README.md ("Multi-worker").
+Fresh processes, side-by-side ratios from one run, medians and spreads, JSON + markdown. See bench/README.md ("Multi-worker").
 """
 
 from __future__ import annotations

@@ -3,9 +3,9 @@
     python bench/run.py --tier A,B,C --out bench/results.json --markdown bench/RESULTS.md
     python bench/run.py --quick --tier A,B --repeats 1          # a smoke run
 
-Follows /work/shared/BENCHMARK.md: one fresh process per (tool, configuration), tools
-alternated (floor, full, then PEFT, ours for each LoRA setting) in every repeat, warm-up
-steps discarded, medians and spreads reported, ratios taken inside one interleaved run.
+One fresh process per (tool, configuration), tools alternated (floor, full, then PEFT,
+ours for each LoRA setting) in every repeat, warm-up steps discarded, medians and spreads
+reported, ratios taken inside one interleaved run.
 """
 
 from __future__ import annotations

@@ -10,6 +10,12 @@
 Everything is stored whole (sharded optimizer state is gathered first), so a checkpoint
 resumes on any number of workers and under either strategy.
 
+    output_dir/unsaved-adapter.pt
+
+is the same state in one ``torch.save`` file, written only when a finished run could not
+write its adapter: it keeps the trained tensors, and ``--resume`` reads it like a
+checkpoint of the last step (and writes the adapter).
+
 A checkpoint directory is built under a temporary name, every file fsynced, then
 renamed into place: a ``step_N`` directory is complete or absent, never half-written.
 ``trainer_state.pt`` holds only tensors and plain containers, so it is read back with
@@ -21,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import random
 import re
 import signal
@@ -29,11 +36,12 @@ from pathlib import Path
 
 import torch
 
-from .adapter import Adapter, read_adapter, write_adapter
+from .adapter import Adapter, parse_adapter, read_adapter, write_adapter
 from .errors import UserError
 from .files import fsync_dir, remove, temp_path, write_atomic, write_synced
 
 DIRNAME = "checkpoints"
+UNSAVED = "unsaved-adapter.pt"
 _STEP_DIR = re.compile(r"step_(\d+)")
 
 # Fault injection for the resume tests: "ckpt-write:N" kills this process with SIGKILL
@@ -188,8 +196,41 @@ class Restored:
         return rng if isinstance(rng, list) else [rng]
 
 
+def save_unsaved(output_dir: str | os.PathLike, *, step: int, epoch: int, adapter_config: dict,
+                 adapter_tensors: dict[str, torch.Tensor], state: dict, config: dict, workers: int = 1) -> Path:
+    """Keep what :func:`save_checkpoint` would, in one ``torch.save`` file (no safetensors,
+    no numpy, no directory): the fallback when a finished run cannot write its adapter."""
+    path = Path(output_dir) / UNSAVED
+    info = {"step": step, "epoch": epoch, "workers": workers, "config": config}
+    payload = {"info": info, "state": state, "adapter_config": adapter_config,
+               "adapter": {k: v.detach().cpu() for k, v in adapter_tensors.items()}}
+    write_atomic(path, lambda f: torch.save(payload, f))
+    return path
+
+
+def unsaved(output_dir: str | os.PathLike) -> Checkpoint | None:
+    """The kept state of a run whose adapter could not be written, if there is one."""
+    path = Path(output_dir) / UNSAVED
+    return Checkpoint(path, int(read_info(Checkpoint(path, -1))["step"])) if path.is_file() else None
+
+
+def _read_unsaved(ckpt: Checkpoint) -> dict:
+    try:
+        payload = torch.load(ckpt.path, map_location="cpu", weights_only=True)
+        if not isinstance(payload, dict) or not {"info", "state", "adapter_config", "adapter"} <= payload.keys():
+            raise ValueError("not a lora-cli unsaved-adapter file")
+    except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        raise UserError(f"cannot be read: {exc}", where=str(ckpt.path),
+                        fix="delete it to resume from the newest checkpoint, or train again") from None
+    return payload
+
+
 def read_checkpoint(ckpt: Checkpoint) -> Restored:
-    """Read a checkpoint without touching any model."""
+    """Read a checkpoint (or the unsaved-adapter file) without touching any model."""
+    if ckpt.path.is_file():
+        payload = _read_unsaved(ckpt)
+        adapter = parse_adapter(payload["adapter_config"], payload["adapter"], source=str(ckpt.path))
+        return Restored(adapter=adapter, state=payload["state"], info=payload["info"], path=ckpt.path)
     info = read_info(ckpt)
     try:
         state = torch.load(ckpt.path / "trainer_state.pt", map_location="cpu", weights_only=True)
@@ -201,6 +242,8 @@ def read_checkpoint(ckpt: Checkpoint) -> Restored:
 
 def read_info(ckpt: Checkpoint) -> dict:
     """trainer_state.json of a checkpoint: step, epoch, workers, config."""
+    if ckpt.path.is_file():
+        return _read_unsaved(ckpt)["info"]
     try:
         return json.loads((ckpt.path / "trainer_state.json").read_text())
     except (OSError, ValueError) as exc:       # JSONDecodeError is a ValueError

@@ -17,23 +17,62 @@ import typer
 
 from .errors import UserError
 
-TRAIN_EXAMPLES = """\
-Examples:
 
-  lora-train configs/quickstart.yaml
+EXAMPLE_WIDTH = 76
 
-  lora-train configs/quickstart.yaml --dry-run
 
-  lora-train configs/quickstart.yaml lora.rank=4 train.lr=1e-3 device=cpu
+def _examples(*commands: str) -> str:
+    """A --help epilog listing ``commands``, one per line, each line at most 76 characters
+    (80 columns with click's indent): a long command is broken between arguments with a
+    shell continuation, so it copy-pastes as one command. The \\b keeps click from
+    rewrapping the lines."""
+    lines = []
+    for command in commands:
+        words, line = command.split(" "), ""
+        for word in words:
+            if line and len(line) + 1 + len(word) > EXAMPLE_WIDTH - 2:      # room for " \\"
+                lines.append(line + " \\")
+                line = "    " + word
+            else:
+                line = f"{line} {word}" if line else word
+        lines.append(line)
+    return "Examples:\n\n\b\n" + "\n".join(lines) + "\n"
 
-  lora-train configs/seed_linear.yaml output_dir=runs/try2 --overwrite
 
-  lora-train configs/quickstart.yaml train.save_every=50 --resume
+TRAIN_COMMANDS = (
+    "lora-train configs/quickstart.yaml",
+    "lora-train configs/quickstart.yaml --dry-run",
+    "lora-train configs/quickstart.yaml lora.rank=4 train.lr=1e-3 device=cpu",
+    "lora-train configs/seed_linear.yaml output_dir=runs/try2 --overwrite",
+    "lora-train configs/quickstart.yaml train.save_every=50 --resume",
+    "lora-train configs/quickstart.yaml --nproc-per-node 2 train.strategy=fsdp",
+    "torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 "
+    "-m lora_cli train configs/quickstart.yaml",
+    "lora-train --list-configs",
+    "lora-train --init quickstart my-run && lora-train my-run/quickstart.yaml",
+)
+TRAIN_EXAMPLES = _examples(*TRAIN_COMMANDS)
 
-  lora-train configs/quickstart.yaml --nproc-per-node 2 train.strategy=fsdp
 
-  torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 -m lora_cli train configs/quickstart.yaml
-"""
+def _version(value: bool) -> None:
+    """--version: lora-cli's version, and torch's and Python's (torch is not imported)."""
+    if not value:
+        return
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+    try:
+        torch = f"torch {version('torch')}"
+    except PackageNotFoundError:
+        torch = "torch not installed"
+    typer.echo(f"lora-cli {__version__} ({torch}, Python {platform.python_version()})")
+    raise typer.Exit()
+
+
+def _version_option():
+    return typer.Option(False, "--version", callback=_version, is_eager=True,
+                        help="Show lora-cli's version and exit.")
 
 
 def _user_errors(fn):
@@ -60,11 +99,14 @@ def _app(help_text: str) -> typer.Typer:
 
 @_user_errors
 def train_command(
-    config: Path = typer.Argument(..., help="The run's YAML config.", show_default=False),
+    config: Optional[Path] = typer.Argument(
+        None, help="The run's YAML config (with --init: the folder to copy the example into, "
+        "default: the current one).", show_default=False),
     overrides: Optional[List[str]] = typer.Argument(
         None, help="KEY=VALUE overrides of config keys, e.g. lora.rank=4 train.lr=1e-3.", show_default=False),
     dry_run: bool = typer.Option(False, "--dry-run", help="Build model and data, print the plan, do not train."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run in a non-empty output_dir."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run in a non-empty output_dir "
+                                   "(with --init: replace existing files)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in output_dir."),
     allow_changed_data: bool = typer.Option(
         False, "--allow-changed-data", help="Resume even though the data files or the base weights changed "
@@ -72,8 +114,22 @@ def train_command(
     nproc_per_node: Optional[int] = typer.Option(
         None, "--nproc-per-node", min=1, help="Train on this many workers on this machine (one per GPU; "
         "on CPU they share the cores), as train.strategy says.", show_default=False),
+    list_configs: bool = typer.Option(False, "--list-configs", help="List the example configs that ship "
+                                      "with lora-cli, and exit."),
+    init: Optional[str] = typer.Option(None, "--init", metavar="NAME", show_default=False,
+                                       help="Copy example config NAME, and the files it reads, to edit and "
+                                       "run; then exit."),
+    version: bool = _version_option(),
 ) -> None:
     """Train a LoRA adapter as CONFIG describes; save it to output_dir/adapter."""
+    if list_configs or init is not None:
+        _examples_command(config, overrides, list_configs, init, overwrite=overwrite,
+                          others=dry_run or resume or nproc_per_node is not None)
+        return
+    if config is None:
+        raise UserError("missing CONFIG, the run's YAML config", where="lora-train",
+                        fix="lora-train CONFIG [KEY=VALUE ...]; lora-train --list-configs lists the example "
+                            "configs, lora-train --init NAME copies one")
     from . import distributed as dist
     from .config import load_config
     from .console import show_plan
@@ -105,6 +161,22 @@ def train_command(
         _train_here(cfg, config, overrides, overwrite=overwrite, resume=resume, search_path=search_path, **kept)
 
 
+def _examples_command(dest: Optional[Path], extra: Optional[List[str]], list_configs: bool,
+                      name: Optional[str], *, overwrite: bool, others: bool) -> None:
+    """--list-configs, or --init NAME [DIR]."""
+    from .console import show_examples, show_init
+    from .examples import init_example, list_examples
+
+    option = "--list-configs" if list_configs else "--init"
+    if others or extra or (list_configs and (name is not None or dest is not None or overwrite)):
+        raise UserError(f"{option} does not combine with other arguments or options", where=option,
+                        fix="run lora-train --list-configs, or lora-train --init NAME [DIR] [--overwrite]")
+    if list_configs:
+        show_examples(list_examples())
+    else:
+        show_init(init_example(name, dest or Path("."), overwrite=overwrite))
+
+
 def _launch_workers(cfg, config: Path, overrides, workers: int, *, overwrite: bool, resume: bool,
                     allow_changed_data: bool = False) -> None:
     """Start ``workers`` copies of this command on this machine; exit as the run ended."""
@@ -124,15 +196,20 @@ def _launch_workers(cfg, config: Path, overrides, workers: int, *, overwrite: bo
 def _train_here(cfg, config: Path, overrides, *, world=None, **kwargs) -> None:
     from .console import ProgressReporter, show_interrupted, show_train_result
     from .distributed import SINGLE
-    from .train import Interrupted, train
+    from .train import Interrupted, SaveError, train
 
     world = world or SINGLE
     try:
-        result = train(cfg, reporter=ProgressReporter(), world=world, **kwargs)
+        result = train(cfg, reporter=ProgressReporter(), world=world, config_file=str(config), **kwargs)
     except Interrupted as stop:
         if world.is_main:
             show_interrupted(stop, resume_command=_resume_command(config, overrides, world.size))
         raise typer.Exit(stop.exit_code) from None
+    except SaveError as exc:
+        if exc.kept is not None:
+            exc.fix = ("fix the cause, then write the adapter from that copy with: "
+                       + _resume_command(config, overrides, world.size))
+        raise
     if world.is_main:
         show_train_result(result)
 
@@ -192,29 +269,23 @@ def _model_code_options():
 _CODE, _CODE_PATH, _TRUST = _model_code_options()
 
 
-MERGE_EXAMPLES = """\
-Examples:
+MERGE_COMMANDS = (
+    "lora-merge data/quickstart/base.safetensors runs/quickstart/adapter",
+    "lora-merge data/quickstart/base.safetensors runs/quickstart/adapter -o merged.safetensors --verify",
+    "lora-merge base.pt runs/a/adapter runs/b/adapter --weights 0.7,0.3 --dtype bfloat16",
+    "lora-merge models/SmolLM2-135M-Instruct runs/peft-adapter --verify --data held-out.jsonl",
+)
+MERGE_EXAMPLES = _examples(*MERGE_COMMANDS)
 
-  lora-merge data/quickstart/base.safetensors runs/quickstart/adapter
-
-  lora-merge data/quickstart/base.safetensors runs/quickstart/adapter -o merged.safetensors --verify
-
-  lora-merge base.pt runs/a/adapter runs/b/adapter --weights 0.7,0.3 --dtype bfloat16
-"""
-
-EVAL_EXAMPLES = """\
-Examples:
-
-  lora-eval runs/quickstart/adapter
-
-  lora-eval configs/quickstart.yaml --json
-
-  lora-eval runs/quickstart/adapter --merged data/quickstart/base-merged.safetensors
-
-  lora-eval runs/quickstart/adapter --data data/quickstart/eval.jsonl --batch-size 64
-
-  lora-eval runs/mine/adapter --model-code my_models:TinyNet --model-path ~/project
-"""
+EVAL_COMMANDS = (
+    "lora-eval runs/quickstart/adapter",
+    "lora-eval configs/quickstart.yaml --json",
+    "lora-eval runs/quickstart/adapter --merged data/quickstart/base-merged.safetensors",
+    "lora-eval runs/quickstart/adapter --data data/quickstart/eval.jsonl --batch-size 64",
+    "lora-eval copied/adapter --base data/quickstart/base.safetensors",
+    "lora-eval runs/mine/adapter --model-code my_models:TinyNet --model-path ~/project",
+)
+EVAL_EXAMPLES = _examples(*EVAL_COMMANDS)
 
 
 @_user_errors
@@ -238,6 +309,7 @@ def merge_command(
     model_code: Optional[str] = _CODE,
     model_path: Optional[str] = _CODE_PATH,
     trust_adapter_code: bool = _TRUST,
+    version: bool = _version_option(),
 ) -> None:
     """Fold LoRA adapters into base weights: W' = W + weight * (alpha/r) * B @ A."""
     from .adapter import read_adapter
@@ -318,6 +390,7 @@ def eval_command(
     model_code: Optional[str] = _CODE,
     model_path: Optional[str] = _CODE_PATH,
     trust_adapter_code: bool = _TRUST,
+    version: bool = _version_option(),
 ) -> None:
     """Measure the base model and base+adapter side by side on held-out data."""
     from .console import show_comparison, show_json, show_model_code
@@ -345,6 +418,13 @@ eval_app = _app("Evaluate base and base+adapter on held-out data.")
 eval_app.command(epilog=EVAL_EXAMPLES)(eval_command)
 
 app = _app("lora-cli: LoRA fine-tuning from one YAML file.")
+
+
+@app.callback()
+def _group(version: bool = _version_option()) -> None:
+    """lora-cli: LoRA fine-tuning from one YAML file."""
+
+
 app.command("train", epilog=TRAIN_EXAMPLES)(train_command)
 app.command("merge", epilog=MERGE_EXAMPLES)(merge_command)
 app.command("eval", epilog=EVAL_EXAMPLES)(eval_command)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import math
 import os
 import re
@@ -29,7 +28,7 @@ from typing import Any, NamedTuple, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from lora_cli.errors import ConfigError
+from lora_cli.errors import ConfigError, closest
 
 
 class _Required:
@@ -268,7 +267,7 @@ def config_from_dict(data: Mapping, overrides: Sequence[str] = (), *, source: st
     if not isinstance(data, Mapping):
         raise ConfigError([f"the top level must be a mapping of keys and sections "
                            f"(model, data, lora, train), got {_show(data)}"], where=source)
-    data = apply_overrides(data, overrides, where=source) if overrides else data
+    data = apply_overrides(data, overrides) if overrides else data
     problems: list[str] = []
     values = _check_section(Config, data, "", problems)
     _check_together(values, problems, check_files)
@@ -276,8 +275,28 @@ def config_from_dict(data: Mapping, overrides: Sequence[str] = (), *, source: st
         fix = None
         if any(": file not found: " in p for p in problems):
             fix = f"relative paths are read from the current directory ({os.getcwd()}), not the config's folder"
-        raise ConfigError(problems, where=source, fix=fix)
+        problems, where = _blame(problems, overrides, source)
+        raise ConfigError(problems, where=where, fix=fix)
     return _build(Config, values)
+
+
+def _blame(problems: list[str], overrides: Sequence[str], source: str) -> tuple[list[str], str]:
+    """Say which problems a KEY=VALUE override caused: (problems, where). Problems that
+    are all one override's are reported at 'override KEY=VALUE', not at the file; in a
+    mix, each override's problem names it."""
+    def culprit(problem: str) -> str | None:
+        path = problem.split(":", 1)[0]
+        for item in reversed(overrides):    # the last override of a key wins
+            key = item.partition("=")[0].strip()
+            if path == key or path.startswith(key + ".") or key.startswith(path + "."):
+                return item
+        return None
+
+    blamed = [culprit(p) for p in problems]
+    if all(blamed) and len(set(blamed)) == 1:
+        return problems, f"override {blamed[0]}"
+    marked = [f"{p} (override {o})" if o else p for p, o in zip(problems, blamed)]
+    return marked, "command-line overrides" if all(blamed) else source
 
 
 def apply_overrides(data: Mapping, overrides: Sequence[str], *, where: str | None = None) -> dict:
@@ -355,7 +374,7 @@ def _fields(cls: type) -> dict[str, tuple[dataclasses.Field, Any]]:
 def _check_section(cls: type, data: Mapping, prefix: str, problems: list[str]) -> dict:
     """Check one section against dataclass ``cls``; return its valid values, defaults filled in."""
     known = _fields(cls)
-    problems += [_unknown_key(str(key), prefix, known) for key in data if key not in known]
+    problems += [_unknown_key(str(key), prefix, known, data[key]) for key in data if key not in known]
     out: dict[str, Any] = {}
     for name, (f, tp) in known.items():
         path = prefix + name
@@ -405,8 +424,8 @@ def _check_value(value: Any, tp: Any, rule: Rule, path: str, problems: list[str]
     hint = ""
     if rule.choices and isinstance(converted, str):
         lowered = {c.lower(): c for c in rule.choices}
-        close = _closest(converted.lower(), lowered)
-        hint = f" (did you mean {lowered[close]!r}?)" if close else ""
+        close = _FOREIGN_VALUES.get(path, {}).get(converted.lower()) or _closest(converted.lower(), lowered)
+        hint = f" (did you mean {lowered.get(close, close)!r}?)" if close else ""
     problems.append(f"{path}: must be {_expect(tp, rule)}, got {_show(value)}{hint}")
     return _INVALID
 
@@ -501,9 +520,12 @@ def _check_together(values: dict, problems: list[str], check_files: bool) -> Non
                 problems.append(f"{path}: not a file: {file}")
 
 
-def _unknown_key(name: str, prefix: str, known: Mapping[str, Any]) -> str:
-    """'<path>: unknown key' with a did-you-mean, or the list of allowed keys."""
+def _unknown_key(name: str, prefix: str, known: Mapping[str, Any], value: Any = None) -> str:
+    """'<path>: unknown key' with lora-cli's name for another tool's key, a did-you-mean,
+    or the list of allowed keys."""
     here = prefix + name
+    if name in _FOREIGN_KEYS:
+        return f"{here}: unknown key; {_FOREIGN_KEYS[name](value)}"
     elsewhere = [p for p in describe_schema() if p.rsplit(".", 1)[-1] == name]
     if elsewhere:
         section = elsewhere[0].rpartition(".")[0]
@@ -516,17 +538,71 @@ def _unknown_key(name: str, prefix: str, known: Mapping[str, Any]) -> str:
 
 
 def _closest(word: str, options: Any) -> str | None:
-    """The likeliest intended option: difflib's close matches, fewest edits first ('adamx' -> 'adamw')."""
-    def edits(a: str, b: str) -> int:  # Levenshtein distance
-        row = list(range(len(b) + 1))
-        for i, ca in enumerate(a, 1):
-            prev, row[0] = row[0], i
-            for j, cb in enumerate(b, 1):
-                prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
-        return row[-1]
+    return closest(word, options)
 
-    close = difflib.get_close_matches(word, list(options), n=3)
-    return min(close, key=lambda c: (edits(word, c), abs(len(c) - len(word))), default=None)
+
+def _is(key: str) -> Any:
+    return lambda value: f"lora-cli's name for it is {key}"
+
+
+def _warmup(value: Any) -> str:
+    ratio = value if isinstance(value, (int, float)) and not isinstance(value, bool) else "the ratio"
+    return (f"lora-cli counts warmup in optimizer steps: set train.warmup_steps to {ratio} x the run's "
+            "total steps (lora-train --dry-run prints them; e.g. 0.03 x 378 steps = 11)")
+
+
+def _dtype(dtype: str) -> Any:
+    return lambda value: (f"lora-cli sets the compute dtype with the top-level key dtype: {dtype}"
+                          + ("" if value is not False else " (false: leave it out; dtype: float32 is the default)"))
+
+
+def _fixed(text: str) -> Any:
+    return lambda value: text
+
+
+# Keys of PEFT, the Hugging Face Trainer, TRL, axolotl and torchtune configs, and what
+# lora-cli calls them (or what to write instead).
+_FOREIGN_KEYS: dict[str, Any] = {
+    "r": _is("lora.rank"), "lora_r": _is("lora.rank"), "lora_rank": _is("lora.rank"),
+    "lora_alpha": _is("lora.alpha"), "lora_dropout": _is("lora.dropout"),
+    "lora_target_modules": _is("lora.target_modules"), "lora_attn_modules": _is("lora.target_modules"),
+    "lora_target_linear": _fixed("write lora.target_modules: all-linear"),
+    "apply_lora_to_mlp": _fixed("list the MLP layers in lora.target_modules, or use all-linear"),
+    "lora_modules_to_save": _is("lora.modules_to_save"),
+    "fan_in_fan_out": _fixed("lora-cli recognises transposed (Conv1D) layers itself: leave it out"),
+    "learning_rate": _is("train.lr"),
+    "num_train_epochs": _is("train.epochs"), "num_epochs": _is("train.epochs"),
+    "per_device_train_batch_size": _is("train.batch_size"), "micro_batch_size": _is("train.batch_size"),
+    "train_batch_size": _is("train.batch_size"),
+    "gradient_accumulation_steps": _is("train.grad_accum"),
+    "warmup_ratio": _warmup,
+    "lr_scheduler_type": _fixed("write train.scheduler: cosine, linear or constant"),
+    "lr_scheduler": _fixed("write train.scheduler: cosine, linear or constant"),
+    "optim": _fixed("write train.optimizer: adamw, adam or sgd"),
+    "max_grad_norm": _is("train.clip_grad_norm"),
+    "logging_steps": _is("train.log_every"), "eval_steps": _is("train.eval_every"),
+    "save_steps": _is("train.save_every"), "save_total_limit": _is("train.keep_last"),
+    "resume_from_checkpoint": _fixed("pass --resume, or set train.resume: auto"),
+    "bf16": _dtype("bfloat16"), "fp16": _dtype("float16"),
+    "sequence_len": _is("data.max_seq_len"), "max_seq_length": _is("data.max_seq_len"),
+    "max_length": _is("data.max_seq_len"), "cutoff_len": _is("data.max_seq_len"),
+    "train_on_inputs": _is("data.train_on_prompt"),
+    "val_set_size": _fixed("write data.val_split: a fraction of train, 0 < x < 1"),
+    "dataset": _fixed("write data.train: a local .jsonl, .csv or .txt file"),
+    "datasets": _fixed("write data.train: a local .jsonl, .csv or .txt file"),
+    "base_model": _fixed("write model.hf: a model directory on disk (nothing is downloaded)"),
+    "model_name_or_path": _fixed("write model.hf: a model directory on disk (nothing is downloaded)"),
+    "task_type": _fixed("write task: causal_lm or classification"),
+}
+
+# Values other tools write for a choice, and lora-cli's spelling of them.
+_FOREIGN_VALUES: dict[str, dict[str, str]] = {
+    "device": {"gpu": "cuda"},
+    "dtype": {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "half": "float16", "float": "float32"},
+    "task": {"causal-lm": "causal_lm", "seq_cls": "classification", "sequence_classification": "classification"},
+    "train.optimizer": {"adamw_torch": "adamw", "adamw_torch_fused": "adamw", "adamw_hf": "adamw"},
+    "train.scheduler": {"constant_with_warmup": "constant", "cosine_with_warmup": "cosine"},
+}
 
 
 def _expect(tp: Any, rule: Rule) -> str:

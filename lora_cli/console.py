@@ -37,6 +37,13 @@ def _num(x) -> str:
     return f"{x:.4g}"
 
 
+def _line(text, console: Console | None = None, **kwargs) -> None:
+    """One line of output: word-wrapped on a terminal, never broken in a log file or pipe
+    (where rich would otherwise wrap at 80 columns)."""
+    console = console or out
+    console.print(text, soft_wrap=not console.is_terminal, **kwargs)
+
+
 def show_error(exc: Exception, prefix: str = "") -> None:
     """One red message: what, where, and how to fix it. No traceback. ``prefix`` names
     the worker that says it, when there are several."""
@@ -50,7 +57,7 @@ def show_error(exc: Exception, prefix: str = "") -> None:
 
 
 def show_note(text: str) -> None:
-    err.print(f"[yellow]note:[/] {text}", soft_wrap=True)
+    err.print(f"[yellow]note:[/] {escape(text)}", soft_wrap=True)
 
 
 def show_model_code(code) -> None:
@@ -69,12 +76,12 @@ def show_summary(summary, title: str = "LoRA adapters") -> None:
     rows = summary.modules
     shown = rows if len(rows) <= 24 else rows[:20]
     for m in shown:
-        table.add_row(m.name, m.kind, "x".join(map(str, m.shape)), _num(m.rank), _num(m.trainable))
+        table.add_row(escape(m.name), m.kind, "x".join(map(str, m.shape)), _num(m.rank), _num(m.trainable))
     if len(shown) < len(rows):
         table.add_row(f"... {len(rows) - len(shown)} more", "", "", "", "")
     out.print(table)
-    out.print(f"trainable parameters: [bold]{summary.trainable:,}[/] of {summary.total:,} "
-              f"([bold]{summary.percent:.3f}%[/])")
+    _line(f"trainable parameters: [bold]{summary.trainable:,}[/] of {summary.total:,} "
+          f"([bold]{summary.percent:.3f}%[/])")
 
 
 def show_plan(plan) -> None:
@@ -92,14 +99,14 @@ def show_plan(plan) -> None:
     for name, part in (("train", d.train), ("eval", d.eval)):
         if part is not None:
             desc = datalib.describe(part)
-            table.add_row(name, part.source, ", ".join(f"{k} {_num(v)}" for k, v in desc.items()))
+            table.add_row(name, escape(str(part.source)), ", ".join(f"{k} {_num(v)}" for k, v in desc.items()))
     out.print(table)
     if isinstance(d.train, datalib.TextData) and d.tokenizer is not None and hasattr(d.tokenizer, "decode"):
         show_example(d.train, d.tokenizer)
     workers = f"{plan.world.size} workers ({plan.world.strategy}), " if plan.world.distributed else ""
-    out.print(f"{workers}device {plan.device}{_threads(plan)}, dtype {plan.cfg.dtype}; {describe_batch(plan)}; "
-              f"{plan.steps_per_epoch} steps per epoch, {plan.total_steps} steps in all "
-              f"({_epochs(plan.total_steps / plan.steps_per_epoch)})", soft_wrap=True)
+    _line(f"{workers}device {plan.device}{_threads(plan)}, dtype {plan.cfg.dtype}; {describe_batch(plan)}; "
+          f"{plan.steps_per_epoch} steps per epoch, {plan.total_steps} steps in all "
+          f"({_epochs(plan.total_steps / plan.steps_per_epoch)})")
 
 
 def _threads(plan) -> str:
@@ -166,8 +173,8 @@ class ProgressReporter:
             show_note(note)
         where = f"{plan.world.size} workers ({plan.world.strategy}, rank 0 on {plan.device}{_threads(plan)})" \
             if plan.world.distributed else f"{plan.device}{_threads(plan)}"
-        self.console.print(f"training {plan.total_steps} steps on {where}, {describe_batch(plan)} "
-                           f"({plan.summary.trainable:,} trainable parameters, {plan.summary.percent:.3f}%)")
+        _line(f"training {plan.total_steps} steps on {where}, {describe_batch(plan)} "
+              f"({plan.summary.trainable:,} trainable parameters, {plan.summary.percent:.3f}%)", self.console)
         if self.live:
             self.progress = Progress(
                 TextColumn("[bold]epoch {task.fields[epoch]}/{task.fields[epochs]}"), BarColumn(),
@@ -183,8 +190,8 @@ class ProgressReporter:
             self.last = (f"loss {row['loss']:.4f}  lr {row['lr']:.2e}"
                          + (f"  {rate:,.0f} {self.unit}/s" if rate else ""))
             if not self.live:
-                self.console.print(f"step {step}  epoch {row['epoch']:.2f}  {self.last}  "
-                                   f"grad_norm {row['grad_norm']:.3g}")
+                _line(f"step {step}  epoch {row['epoch']:.2f}  {self.last}  grad_norm {row['grad_norm']:.3g}",
+                      self.console)
         if self.progress is not None:
             self.progress.update(self.task, completed=step, epoch=min(epoch + 1, self.epochs), stats=self.last)
 
@@ -192,7 +199,7 @@ class ProgressReporter:
         metrics = "  ".join(f"{k.removeprefix('eval_')} {_num(v)}" for k, v in row.items()
                             if k.startswith("eval_"))
         text = f"eval @ step {row['step']}: {metrics}"
-        (self.progress.console if self.progress else self.console).print(text)
+        _line(text, self.progress.console if self.progress else self.console)
 
     def finish(self) -> None:
         if self.progress is not None:
@@ -207,7 +214,7 @@ def show_train_result(result) -> None:
     table.add_column()
     s = result.summary
     table.add_row("trainable", f"{s.trainable:,} of {s.total:,} parameters ({s.percent:.3f}%)")
-    table.add_row("adapter", f"{result.adapter_dir} ({_size(result.adapter_bytes)}; base {_size(result.base_bytes)})")
+    table.add_row("adapter", f"{escape(str(result.adapter_dir))} ({_size(result.adapter_bytes)}; base {_size(result.base_bytes)})")
     aside = [f"evaluation {result.eval_seconds:.1f} s"] if result.eval_seconds else []
     aside += [f"checkpoints {result.checkpoint_seconds:.1f} s"] if result.checkpoint_seconds else []
     table.add_row("steps", f"{result.steps} ({result.epochs:.2f} epochs) in {result.seconds:.1f} s: training "
@@ -233,24 +240,24 @@ def show_json(data) -> None:
 
 def show_merge(report) -> None:
     """What lora-merge did."""
-    out.print(f"merged {len(report.changed)} of {report.tensors} tensors into [bold]{report.output}[/] "
-              f"({report.format}, {_size(report.bytes)})")
+    _line(f"merged {len(report.changed)} of {report.tensors} tensors into [bold]{escape(str(report.output))}[/] "
+          f"({report.format}, {_size(report.bytes)})")
     if report.added:
-        out.print(f"added {len(report.added)} tensors the base did not have (new modules): "
-                  f"{', '.join(report.added[:6])}{' ...' if len(report.added) > 6 else ''}")
-    out.print(f"largest |delta W|: {report.max_delta:.4g}")
+        _line(f"added {len(report.added)} tensors the base did not have (new modules): "
+              f"{', '.join(report.added[:6])}{' ...' if len(report.added) > 6 else ''}", markup=False)
+    _line(f"largest |delta W|: {report.max_delta:.4g}")
 
 
 def show_verification(result) -> None:
     """The outcome of lora-merge --verify."""
     verdict = "[green]ok[/]" if result.ok else "[bold red]FAILED[/]"
-    out.print(f"verify: max |merged - (base+adapter)| = {result.max_abs_diff:.3g} over {result.batches} "
-              f"batches (tolerance {result.tolerance:.3g}): {verdict}")
+    _line(f"verify: max |merged - (base+adapter)| = {result.max_abs_diff:.3g} over {result.batches} "
+          f"batches (tolerance {result.tolerance:.3g}): {verdict}")
 
 
 def show_comparison(result) -> None:
     """Base and adapted metrics side by side, with the difference."""
-    table = Table(title=f"{result.task} on {result.data}", title_justify="left")
+    table = Table(title=f"{result.task} on {escape(str(result.data))}", title_justify="left")
     table.add_column("metric")
     table.add_column("base", justify="right")
     table.add_column(result.adapted_label, justify="right")
@@ -274,5 +281,41 @@ def show_comparison(result) -> None:
 
 def show_interrupted(stop, resume_command: str) -> None:
     """The line a stopped run leaves: where its checkpoint is and how to go on."""
-    err.print(f"[yellow]stopped[/] after step {stop.step} (signal {stop.signum}); checkpoint: {stop.checkpoint}")
-    err.print(f"resume with: [bold]{resume_command}[/]", soft_wrap=True)
+    _line(f"[yellow]stopped[/] after step {stop.step} (signal {stop.signum}); checkpoint: "
+          f"{escape(str(stop.checkpoint))}", err)
+    err.print(f"resume with: [bold]{escape(resume_command)}[/]", soft_wrap=True)
+
+
+def show_examples(examples) -> None:
+    """lora-train --list-configs: one line per example config, then how to copy one."""
+    width = max((len(e.name) for e in examples), default=0) + 2
+    for e in examples:
+        if e.needs:
+            yours = [s for s in ("model", "data") if any(k.startswith(s + ".") for k in e.needs)]
+            what = f" (needs your {' and '.join(yours)})"
+        else:
+            what = " (ships its base and data)" if e.ships else ""
+        out.print(f"{e.name:<{width}}{e.summary}{what}", markup=False, soft_wrap=True)
+    out.print("copy one to edit and run: lora-train --init NAME [DIR]", markup=False, soft_wrap=True)
+
+
+def show_init(result) -> None:
+    """What lora-train --init wrote, and the command that trains the copy."""
+    import shlex
+
+    ex = result.example
+    files = len(ex.ships)
+    sizes = f" and the {files} file{'s' if files != 1 else ''} it reads ({_size(result.bytes)})" if files else ""
+    if result.written or result.replaced:
+        out.print(f"copied example {ex.name} to {result.config}{sizes}", markup=False, soft_wrap=True)
+    else:
+        out.print(f"example {ex.name} is already in {result.config}{sizes}, unchanged", markup=False,
+                  soft_wrap=True)
+    for label, paths in (("replaced", result.replaced), ("kept (identical)", result.unchanged)):
+        if paths:
+            out.print(f"{label}: {', '.join(str(p) for p in paths)}", markup=False, soft_wrap=True)
+    if result.needs:
+        keys = ", ".join(f"{k} ({v})" for k, v in result.needs.items())
+        out.print(f"before training, edit {result.config} to name your own files: {keys}",
+                  markup=False, soft_wrap=True)
+    out.print(f"train it with: lora-train {shlex.quote(str(result.config))}", markup=False, soft_wrap=True)

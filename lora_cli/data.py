@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import codecs
 import csv
-import difflib
 import hashlib
 import io
 import itertools
@@ -34,7 +33,7 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from lora_cli.errors import DataError
+from lora_cli.errors import DataError, closest
 
 IGNORE_INDEX = -100
 """Label value for positions that carry no loss (prompt tokens and padding)."""
@@ -106,10 +105,9 @@ def _show(value, limit: int = 40) -> str:
 
 
 def _suggest(name: str, choices) -> str:
-    """A " (did you mean 'x'?)" hint, comparing names case-insensitively."""
-    by_lower = {str(c).lower(): str(c) for c in choices}
-    close = difflib.get_close_matches(name.lower(), list(by_lower), n=1)
-    return f" (did you mean {by_lower[close[0]]!r}?)" if close else ""
+    """A " (did you mean 'x'?)" hint when a choice is close (case is ignored)."""
+    close = closest(name, choices)
+    return f" (did you mean {close!r}?)" if close else ""
 
 
 def _check_suffix(path, allowed: tuple[str, ...], task: str) -> str:

@@ -20,6 +20,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import signal
 import threading
 import time
@@ -43,11 +44,21 @@ from .fused import shared_dropout
 from .inject import AdaptSummary, summarize
 from .pipeline import Built, adapter_metadata, autocast_for, batches, build, cpu_threads, peft_fields, resolve_device
 
-OWNED = ("adapter", "config.yaml", "metrics.jsonl", ckpt.DIRNAME)   # what a run writes into output_dir
+OWNED = ("adapter", "config.yaml", "metrics.jsonl", ckpt.DIRNAME, ckpt.UNSAVED)   # what a run writes into output_dir
+LEFTOVERS = ("config.yaml", "metrics.jsonl")   # what a run leaves that ends before its first checkpoint
 
 
 class TrainingError(UserError):
     """Training cannot go on (a non-finite loss, say)."""
+
+
+class SaveError(TrainingError):
+    """A finished run could not write its adapter. ``kept`` is where its trained state
+    went instead (``lora-train CONFIG --resume`` writes the adapter from it), or None."""
+
+    def __init__(self, what: str, *, where: str, fix: str, kept: Path | None):
+        super().__init__(what, where=where, fix=fix)
+        self.kept = kept
 
 
 class Reporter(Protocol):
@@ -158,16 +169,35 @@ def lr_factor(step: int, *, total: int, warmup: int, kind: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def prepare_output_dir(path: Path, overwrite: bool) -> None:
-    """Refuse a non-empty output_dir unless ``overwrite``; then remove only what a run owns."""
+def prepare_output_dir(path: Path, overwrite: bool, inputs: list[str] = ()) -> list[str]:
+    """Make ``path`` ready for a new run; return notes on what was there.
+
+    A folder that holds a run's results (its adapter, checkpoints, or the kept state of a
+    run that could not write its adapter) or files lora-cli did not write is refused
+    unless ``overwrite``, which removes only what a run owns. A folder holding only what a
+    run that ended before its first checkpoint leaves (config.yaml, metrics.jsonl,
+    temporary files, a lock file) is reused without ``overwrite``: that run produced
+    nothing to lose, so a failed or interrupted first run never blocks the same command.
+    A file the run reads (``inputs``: its config, data, base) is never removed or
+    overwritten: an output_dir where a run would write over one is refused.
+    """
     if path.exists() and not path.is_dir():
         raise UserError("output_dir exists and is a file", where=str(path), fix="choose another output_dir")
-    if path.is_dir() and any(p.name != LOCK_NAME for p in path.iterdir()):   # the run's own lock is not a run
-        if not overwrite:
-            raise UserError("output_dir already exists and is not empty", where=str(path),
-                            fix="pass --overwrite to replace its run, or set output_dir=<new folder>")
-        for name in OWNED:
+    notes = []
+    if path.is_dir():
+        _refuse_to_overwrite_inputs(path, inputs)
+        results, foreign, leftovers = _contents(path)
+        if (results or foreign) and not overwrite:
+            raise _occupied(path, results, foreign)
+        if overwrite:
+            for name in OWNED:
+                remove(path / name)
+        elif leftovers:
+            notes.append(f"{path} held only what a run that stopped before its first checkpoint leaves "
+                         f"({', '.join(leftovers)}): starting afresh")
+        for name in leftovers:
             remove(path / name)
+        remove_stale_temps(path, names=OWNED)
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".write-test"
@@ -176,6 +206,57 @@ def prepare_output_dir(path: Path, overwrite: bool) -> None:
     except OSError as exc:
         raise UserError(f"output_dir cannot be written: {exc.strerror}", where=str(path),
                         fix="choose a folder you can write to") from None
+    return notes
+
+
+def _refuse_to_overwrite_inputs(path: Path, inputs: list[str]) -> None:
+    """A UserError if a run writing into ``path`` would replace a file it reads: the
+    user's own config.yaml, say, when output_dir is the config's folder."""
+    mine = {(path / name).resolve(): name for name in OWNED}
+    for file in inputs:
+        target = Path(file).resolve()
+        hit = mine.get(target) or next((n for p, n in mine.items() if p in target.parents), None)
+        if hit:
+            raise UserError(f"output_dir/{hit} is where a run writes its {hit}, and it holds {file}, which this "
+                            "run reads", where=str(path), fix="set output_dir to a folder of its own")
+
+
+def _contents(path: Path) -> tuple[list[str], list[str], list[str]]:
+    """What an existing output_dir holds: (results of a run, files lora-cli did not
+    write, leftovers of a run that stopped before its first checkpoint). Hidden files
+    (temporary files, a lock) are none of these."""
+    results, foreign, leftovers = [], [], []
+    for entry in sorted(path.iterdir()):
+        name = entry.name
+        if name == ckpt.DIRNAME and entry.is_dir():     # none complete: at most a write cut short
+            (results if ckpt.checkpoints(path) else leftovers).append(name)
+        elif name in ("adapter", ckpt.UNSAVED):
+            results.append(name)
+        elif name in LEFTOVERS and entry.is_file():
+            leftovers.append(name)
+        elif not name.startswith("."):
+            foreign.append(name)
+    return results, foreign, leftovers
+
+
+def _occupied(path: Path, results: list[str], foreign: list[str]) -> UserError:
+    """The error for an output_dir a new run would overwrite."""
+    new = "or set output_dir=<new folder>"
+    if ckpt.UNSAVED in results:
+        return UserError(f"output_dir holds the trained state of a run that could not write its adapter "
+                         f"({path / ckpt.UNSAVED})", where=str(path),
+                         fix=f"pass --resume to write the adapter from it, --overwrite to start over, {new}")
+    if "adapter" in results:
+        return UserError("output_dir holds a trained adapter", where=str(path),
+                         fix=f"pass --overwrite to replace its run, {new}")
+    if results:
+        newest = ckpt.checkpoints(path)[-1].path.name
+        return UserError(f"output_dir holds checkpoints of an unfinished run (newest: {newest})", where=str(path),
+                         fix=f"pass --resume to continue it, --overwrite to start over, {new}")
+    shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+    return UserError(f"output_dir holds files lora-cli did not write: {shown}", where=str(path),
+                     fix=f"pass --overwrite to write the run beside them (only lora-cli's own files are "
+                         f"replaced), {new}")
 
 
 class Interrupted(Exception):
@@ -237,9 +318,13 @@ def resume_config(info: dict, cfg: Config, workers: int, where: Path) -> tuple[C
 
 
 def _resume_point(out: Path, cfg: Config, resume: bool) -> tuple[ckpt.Checkpoint, dict] | None:
-    """The newest complete checkpoint to resume from (and its trainer_state.json), if any."""
+    """The newest complete checkpoint to resume from (and its trainer_state.json), if any:
+    the kept state of a run that could not write its adapter comes first."""
     if not (resume or cfg.train.resume == "auto"):
         return None
+    kept = ckpt.unsaved(out)
+    if kept is not None:
+        return kept, ckpt.read_info(kept)
     ckpt.clean_partial(out)
     found = ckpt.checkpoints(out)
     if found:
@@ -288,7 +373,7 @@ def _stop_on_signals():
 
 def train(cfg: Config, *, reporter: Reporter | None = None, overwrite: bool = False, resume: bool = False,
           search_path: str | os.PathLike | None = None, prepared: Plan | None = None,
-          world: World = SINGLE, allow_changed_data: bool = False) -> TrainResult:
+          world: World = SINGLE, allow_changed_data: bool = False, config_file: str | None = None) -> TrainResult:
     """Train the adapter ``cfg`` describes and write it to ``cfg.output_dir``.
 
     With ``resume`` (or ``train.resume: auto``) the run continues from the newest
@@ -298,6 +383,8 @@ def train(cfg: Config, *, reporter: Reporter | None = None, overwrite: bool = Fa
     second run on the same folder stops with a UserError naming this one's PID.
     ``world`` is this worker's place in a multi-worker run (see :mod:`lora_cli.distributed`);
     every worker calls ``train`` and gets the same result, rank 0 writes the files.
+    ``config_file`` is the YAML file ``cfg`` was read from: like the data and the base,
+    it is never overwritten.
     """
     reporter = (reporter or _Silent()) if world.is_main else _Silent()
     out = Path(cfg.output_dir)
@@ -316,7 +403,8 @@ def train(cfg: Config, *, reporter: Reporter | None = None, overwrite: bool = Fa
         notes = [*notes, *changed]
         restored = world.on_main(lambda: ckpt.read_checkpoint(start[0])) if start else None
         if restored is None:
-            world.on_main(lambda: _start_output_dir(out, p.cfg, overwrite))
+            read = [f for f in (config_file, p.cfg.data.train, p.cfg.data.eval, p.cfg.model.base, p.cfg.model.hf) if f]
+            notes = [*notes, *world.on_main(lambda: _start_output_dir(out, p.cfg, overwrite, read))]
         else:
             world.on_all(lambda: load_adapter_weights(p.built.model, restored.adapter))
         run = _Run(p, out, reporter, inputs)
@@ -324,9 +412,9 @@ def train(cfg: Config, *, reporter: Reporter | None = None, overwrite: bool = Fa
             notes = [f"resuming from {restored.path} (step {restored.loop.step})", *notes, *run.restore(restored)]
         p.built.notes.extend(notes)
         try:
-            with _stop_on_signals() as received:
+            with _stop_on_signals() as received:      # a signal while saving waits for the save
                 seconds = run.loop_over_data(received)
-            adapter_dir, adapter_bytes = run.save_adapter()
+                adapter_dir, adapter_bytes = run.save_adapter()
         finally:
             run.close()
     if not world.distributed:
@@ -524,12 +612,15 @@ class _Run:
         tensors = dist.full_tensors(self.engine, self.keys.values())
         return {k: tensors[n] for k, n in self.keys.items()}
 
+    def trainer_state(self) -> dict:
+        """Optimizer, schedule, scaler, RNG and loop state, whole (every worker takes part)."""
+        return {"optimizer": dist.full_optimizer_state(self.optimizer), "schedule": self.schedule.state_dict(),
+                "scaler": self.scaler.state_dict(), "rng": self.world.gather(ckpt.rng_state()),
+                "loop": dict(self.loop.__dict__)}
+
     def checkpoint(self) -> Path:
         started = time.perf_counter()
-        tensors = self.adapter_tensors()
-        state = {"optimizer": dist.full_optimizer_state(self.optimizer), "schedule": self.schedule.state_dict(),
-                 "scaler": self.scaler.state_dict(), "rng": self.world.gather(ckpt.rng_state()),
-                 "loop": dict(self.loop.__dict__)}
+        tensors, state = self.adapter_tensors(), self.trainer_state()
         path = self.world.on_main(lambda: ckpt.save_checkpoint(
             self.out, step=self.loop.step, epoch=self.loop.epoch, adapter_config=self.adapter_config,
             adapter_tensors=tensors, state=state, config=self.saved_config, workers=self.world.size,
@@ -538,14 +629,40 @@ class _Run:
         return path
 
     def save_adapter(self) -> tuple[Path, int]:
-        """Write output_dir/adapter; its path and size in bytes."""
-        tensors = self.adapter_tensors()
+        """Write output_dir/adapter; its path and size in bytes. If that fails, the trained
+        state is kept in output_dir/unsaved-adapter.pt (plain torch.save) and a SaveError
+        says where; ``--resume`` then writes the adapter from it."""
+        tensors, state = self.adapter_tensors(), self.trainer_state()
 
         def write() -> tuple[Path, int]:
-            adapter_dir = write_adapter(self.out / "adapter", self.adapter_config, tensors)
+            try:
+                adapter_dir = write_adapter(self.out / "adapter", self.adapter_config, tensors)
+            except Exception as exc:
+                raise self.keep_unsaved(exc, tensors, state) from exc
+            remove(self.out / ckpt.UNSAVED)        # written by an earlier try, now superseded
             return adapter_dir, (adapter_dir / WEIGHTS_NAME).stat().st_size
 
         return self.world.on_main(write)
+
+    def keep_unsaved(self, exc: Exception, tensors: dict[str, torch.Tensor], state: dict) -> SaveError:
+        """Keep the trained state after writing the adapter failed with ``exc``; the error to raise."""
+        cause = exc.what if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+        where = str(self.out / "adapter")
+        try:
+            kept = ckpt.save_unsaved(self.out, step=self.loop.step, epoch=self.loop.epoch,
+                                     adapter_config=self.adapter_config, adapter_tensors=tensors, state=state,
+                                     config=self.saved_config, workers=self.world.size)
+        except Exception as again:
+            last = ckpt.checkpoints(self.out)
+            return SaveError(
+                f"training finished, but the adapter could not be written ({cause}), nor a copy of its "
+                f"tensors ({type(again).__name__}: {again})", where=where, kept=None,
+                fix="fix the cause, then " + (f"run the same command with --resume to go on from {last[-1].path}"
+                                              if last else "train again"))
+        return SaveError(f"training finished, but the adapter could not be written ({cause}); the trained "
+                         f"tensors and the training state are kept in {kept}", where=where, kept=kept,
+                         fix="fix the cause, then run the same command with --resume: it writes the adapter "
+                             "from that copy")
 
     def close(self) -> None:
         if self.log is not None:
@@ -573,9 +690,10 @@ def _check_inputs(cfg: Config, start: tuple[ckpt.Checkpoint, dict] | None,
     return inputs, notes
 
 
-def _start_output_dir(out: Path, cfg: Config, overwrite: bool) -> None:
-    prepare_output_dir(out, overwrite)
+def _start_output_dir(out: Path, cfg: Config, overwrite: bool, inputs: list[str]) -> list[str]:
+    notes = prepare_output_dir(out, overwrite, inputs=inputs)
     write_atomic(out / "config.yaml", lambda f: f.write(dump_config(cfg).encode()))
+    return notes
 
 
 def _size_on_disk(path: str) -> int:

@@ -195,11 +195,13 @@ def test_eval_classification_reports_accuracy_f1_confusion(tmp_path: Path, monke
 @pytest.mark.slow
 def test_console_scripts_and_module_entry_point(regression_run: Path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    for cmd in (["lora-train", "--help"], ["lora-merge", "--help"], ["lora-eval", "--help"],
-                [sys.executable, "-m", "lora_cli", "train", "--help"]):
-        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    for cmd in (["lora-train"], ["lora-merge"], ["lora-eval"], [sys.executable, "-m", "lora_cli", "train"]):
+        done = subprocess.run([*cmd, "--help"], capture_output=True, text=True, env={**env, "COLUMNS": "80"})
         assert done.returncode == 0, done.stderr
-        assert "Examples:" in done.stdout
+        assert "Examples:" in done.stdout and max(map(len, done.stdout.splitlines())) <= 80
+    for cmd in (["lora-train"], ["lora-merge"], ["lora-eval"], [sys.executable, "-m", "lora_cli"]):
+        done = subprocess.run([*cmd, "--version"], capture_output=True, text=True, env=env)
+        assert done.returncode == 0 and done.stdout.startswith("lora-cli "), done.stderr
     bad = subprocess.run(["lora-train", "config.yaml", "lora.alpha=0"], capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "lora.alpha" in bad.stderr and "Traceback" not in bad.stderr
 
@@ -261,3 +263,70 @@ def test_threads_follow_the_config_then_omp_then_the_cores_this_process_may_use(
         assert f"device cpu, {want} thread{'s' if want != 1 else ''}," in result.output
     finally:
         torch.set_num_threads(before)
+
+
+HELP_CASES = [("lora-train", [], "TRAIN_COMMANDS"), ("lora-merge", [], "MERGE_COMMANDS"),
+              ("lora-eval", [], "EVAL_COMMANDS"), ("python -m lora_cli", ["train"], "TRAIN_COMMANDS"),
+              ("python -m lora_cli", ["merge"], "MERGE_COMMANDS"), ("python -m lora_cli", ["eval"], "EVAL_COMMANDS")]
+
+
+@pytest.mark.parametrize("columns", [80, 120])
+@pytest.mark.parametrize("prog, args, commands", HELP_CASES)
+def test_help_examples_copy_paste_whole_at_80_and_120_columns(prog, args, commands, columns):
+    from lora_cli import cli
+    entry = {"lora-train": cli.train_app, "lora-merge": cli.merge_app, "lora-eval": cli.eval_app}.get(prog, cli.app)
+    result = runner.invoke(entry, [*args, "--help"], env={"COLUMNS": str(columns)}, prog_name=prog)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert all(len(line) <= min(columns, 80) for line in lines), max(lines, key=len)
+    shown, pending = [], ""
+    for line in lines[lines.index("  Examples:") + 1:]:
+        if line.strip():
+            pending += line.strip()
+            if pending.endswith(" \\"):
+                pending = pending[:-1]                  # a shell continuation: the command goes on
+            else:
+                shown.append(pending)
+                pending = ""
+    assert shown == list(getattr(cli, commands))        # each example whole: no word or path broken
+    for command in shown:
+        for word in command.split():
+            if word.startswith(("configs/", "data/")) and "-merged" not in word:   # (merge writes those)
+                assert (ROOT / word).exists(), word     # the examples name real files
+
+
+@pytest.mark.parametrize("entry, args", [("train_app", []), ("merge_app", []), ("eval_app", []),
+                                         ("app", []), ("app", ["train"]), ("app", ["eval"])])
+def test_version_on_every_command(entry, args):
+    from importlib.metadata import version
+
+    import lora_cli
+    from lora_cli import cli
+    result = runner.invoke(getattr(cli, entry), [*args, "--version"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(f"lora-cli {lora_cli.__version__} (torch ") and "Python 3." in result.output
+    assert version("lora-cli") == lora_cli.__version__        # pyproject reads the one version
+
+
+def test_plain_log_lines_are_never_wrapped():
+    import io
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from lora_cli.console import ProgressReporter
+    buf = io.StringIO()
+    reporter = ProgressReporter(Console(file=buf, width=30, force_terminal=False))
+    world = SimpleNamespace(distributed=False, size=1, strategy="ddp")
+    plan = SimpleNamespace(unit="tokens", epochs=6, total_steps=378, device=torch.device("cpu"), threads=2, world=world,
+                           built=SimpleNamespace(notes=[]), summary=SimpleNamespace(trainable=81920, percent=8.19),
+                           cfg=SimpleNamespace(train=SimpleNamespace(batch_size=16, grad_accum=1)))
+    reporter.start(plan)
+    reporter.step(10, 0, {"loss": 1.2345, "lr": 3e-3, "epoch": 0.16, "grad_norm": 0.5, "tokens_per_s": 12000.0})
+    reporter.evaluated({"step": 63, "epoch": 1.0, "eval_loss": 0.1, "eval_perplexity": 1.1, "eval_token_accuracy": 0.9})
+    reporter.finish()
+    lines = buf.getvalue().splitlines()
+    assert len(lines) == 3, lines
+    assert lines[0].startswith("training 378 steps") and lines[0].endswith("8.190%)")
+    assert lines[1].startswith("step 10 ") and lines[1].endswith("grad_norm 0.5")
+    assert lines[2].startswith("eval @ step 63:") and lines[2].endswith("token_accuracy 0.9")

@@ -14,7 +14,7 @@ from lora_cli.config import (
     REQUIRED, Config, LoraSection, TrainSection, apply_overrides, config_from_dict,
     config_to_dict, describe_schema, diff_fields, dump_config, load_config,
 )
-from lora_cli.errors import ConfigError
+from lora_cli.errors import ConfigError, closest
 
 
 @pytest.fixture
@@ -119,11 +119,32 @@ def test_bad_overrides_are_all_reported_by_name():
     assert "not valid YAML" in problems[4]
 
 
-def test_override_errors_carry_the_config_file(workdir):
-    (workdir / "c.yaml").write_text(yaml.safe_dump(minimal()))
+def test_errors_an_override_causes_name_the_override_not_the_file(workdir):
+    path = workdir / "c.yaml"
+    path.write_text(yaml.safe_dump({**minimal(), "train": {"lrr": 1}}))
     with pytest.raises(ConfigError) as info:
-        load_config(workdir / "c.yaml", ["oops"])
-    assert info.value.where == str(workdir / "c.yaml")
+        load_config(path, ["oops"])
+    assert info.value.where is None and str(info.value).startswith("override 'oops': expected dotted.key=value")
+
+    path.write_text(yaml.safe_dump(minimal()))
+    for override in ("lora.rank=0", "lora={rank: 0}"):
+        with pytest.raises(ConfigError) as info:
+            load_config(path, ["train.lr=0.1", override])
+        assert info.value.where == f"override {override}"
+        assert info.value.problems == ["lora.rank: must be an integer >= 1, got 0"]
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ["lora.rank=0", "train.lrr=1"])
+    assert info.value.where == "command-line overrides"
+    assert info.value.problems[0].endswith("(override lora.rank=0)")
+    assert info.value.problems[1].endswith("(override train.lrr=1)")
+
+    path.write_text(yaml.safe_dump({**minimal(), "train": {"epochz": 2}}))
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ["lora.rank=0"])
+    assert info.value.where == str(path)      # the file is wrong too: each problem says whose it is
+    by_key = {p.split(":")[0]: p for p in info.value.problems}
+    assert by_key["lora.rank"].endswith("(override lora.rank=0)")
+    assert "override" not in by_key["train.epochz"]
 
 
 # --------------------------------------------------------------------------- unknown keys
@@ -143,6 +164,52 @@ def test_override_errors_carry_the_config_file(workdir):
 ])
 def test_unknown_keys_suggest_the_intended_key(workdir, dotted, message):
     assert problems_of(with_value(dotted, 1)) == [message]
+
+
+@pytest.mark.parametrize("dotted, value, says", [
+    ("lora.r", 8, "lora.rank"), ("r", 8, "lora.rank"), ("lora.lora_alpha", 16, "lora.alpha"),
+    ("lora_dropout", 0.1, "lora.dropout"), ("lora.lora_target_modules", ["q"], "lora.target_modules"),
+    ("train.learning_rate", 1e-3, "train.lr"), ("num_train_epochs", 3, "train.epochs"),
+    ("train.num_epochs", 3, "train.epochs"), ("per_device_train_batch_size", 8, "train.batch_size"),
+    ("train.micro_batch_size", 2, "train.batch_size"), ("gradient_accumulation_steps", 4, "train.grad_accum"),
+    ("lr_scheduler_type", "cosine", "train.scheduler: cosine, linear or constant"),
+    ("bf16", True, "dtype: bfloat16"), ("fp16", True, "dtype: float16"),
+    ("sequence_len", 512, "data.max_seq_len"), ("train.max_grad_norm", 1.0, "train.clip_grad_norm"),
+    ("warmup_ratio", 0.03, "set train.warmup_steps to 0.03 x the run's total steps"),
+])
+def test_other_tools_key_names_map_to_lora_cli_keys(workdir, dotted, value, says):
+    [problem] = problems_of(with_value(dotted, value))
+    assert problem.startswith(f"{dotted}: unknown key; ") and says in problem
+    assert "did you mean" not in problem
+
+
+def test_keys_in_the_wrong_section_name_the_right_one(workdir):
+    data = minimal() | {"train": {"target_modules": ["q"], "output_dir": "x", "max_steps": 3}}
+    assert problems_of(data) == [
+        "train.target_modules: unknown key (did you mean 'lora.target_modules'? it belongs in the lora section)",
+        "train.output_dir: unknown key (did you mean 'output_dir'? it belongs at the top level)"]
+    assert problems_of(minimal() | {"max_steps": 3}) == [
+        "max_steps: unknown key (did you mean 'train.max_steps'? it belongs in the train section)"]
+
+
+@pytest.mark.parametrize("dotted, value, hint", [
+    ("device", "gpu", "(did you mean 'cuda'?)"), ("dtype", "bf16", "(did you mean 'bfloat16'?)"),
+    ("train.optimizer", "adamw_torch", "(did you mean 'adamw'?)"), ("train.scheduler", "cosin", "(did you mean 'cosine'?)"),
+    ("train.optimizer", "lion", ""), ("task", "summarization", ""),
+])
+def test_choices_suggest_only_a_close_or_known_equivalent(workdir, dotted, value, hint):
+    [problem] = problems_of(with_value(dotted, value))
+    assert problem.endswith(hint) and (hint or "did you mean" not in problem)
+
+
+@pytest.mark.parametrize("word, options, expected", [
+    ("rnak", ["rank", "alpha"], "rank"), ("adamx", ["adamw", "adam", "sgd"], "adamw"), ("y", ["a", "yy"], "yy"),
+    ("optim", ["optimizer", "epochs"], "optimizer"), ("EPOCHS", ["epochs"], "epochs"),
+    ("warmup_ratio", ["warmup_steps"], None), ("max_length", ["max_steps"], None), ("y", ["a", "b"], None),
+    ("lerning_rate", ["lr", "epochs"], None), ("", ["a"], None),
+])
+def test_did_you_mean_only_when_close(word, options, expected):
+    assert closest(word, options) == expected
 
 
 def test_unknown_key_without_close_match_lists_allowed_keys(workdir):

@@ -237,7 +237,7 @@ def test_a_user_error_found_by_the_workers_is_reported_once_with_exit_code_2(pro
     (project / "taken" / "notes.txt").write_text("mine")
     run = lora_train(project, "output_dir=taken", "--nproc-per-node", "2")
     assert run.returncode == 2
-    assert run.stderr.count("output_dir already exists and is not empty") == 1
+    assert run.stderr.count("output_dir holds files lora-cli did not write: notes.txt") == 1
     assert "worker rank" not in run.stderr and "Traceback" not in run.stderr
     assert sorted(p.name for p in (project / "taken").iterdir()) == ["notes.txt"]
 

@@ -516,10 +516,14 @@ def test_merge_output_into_a_missing_folder_is_created_or_refused(trained):
         assert_user_error(result, "new", fix=False)
 
 
-def test_existing_non_empty_output_dir_needs_resume_or_overwrite(trained):
+def test_an_output_dir_holding_a_run_or_foreign_files_needs_resume_or_overwrite(trained):
     (trained / "run" / "notes.txt").write_text("mine")
-    assert_user_error(invoke("train", "config.yaml"), "run: output_dir already exists and is not empty",
-                      "--overwrite")
+    assert_user_error(invoke("train", "config.yaml"), "run: output_dir holds a trained adapter", "--overwrite")
+    (trained / "other").mkdir()
+    (trained / "other" / "notes.txt").write_text("mine")
+    assert_user_error(invoke("train", "config.yaml", "output_dir=other"),
+                      "other: output_dir holds files lora-cli did not write: notes.txt", "--overwrite")
+    assert sorted(p.name for p in (trained / "other").iterdir()) == ["notes.txt"]
 
 
 def test_resume_and_overwrite_together(trained):

@@ -441,3 +441,22 @@ def test_a_pickled_weights_file_that_would_run_code_is_refused(hub: Path):
     assert result.exit_code == 2, result.output
     assert "would run code" in " ".join(result.output.split()) and "Traceback" not in result.output
     assert not (folder / "MARKER").exists()
+
+
+@pytest.mark.parametrize("version, key", [("4.40.2", "torch_dtype"), ("4.56.0", "dtype"), ("5.24.0", "dtype")])
+def test_the_float32_request_uses_the_keyword_of_the_installed_transformers(hub, monkeypatch, version, key):
+    import importlib
+
+    from lora_cli.models import hf
+    seen = {}
+
+    def from_pretrained(path, **kwargs):
+        seen.update(kwargs)
+        return torch.nn.Linear(1, 1)
+
+    module = importlib.import_module("transformers")      # what hf imports (another test may re-import it)
+    monkeypatch.setattr(module, "__version__", version)
+    monkeypatch.setattr(module.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    hf.load_model(hub / "llama", task="causal_lm")
+    assert seen.get(key) is torch.float32, seen
+    assert ({"dtype", "torch_dtype"} - {key}).isdisjoint(seen)

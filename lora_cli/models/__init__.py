@@ -12,7 +12,6 @@ what, where (the config key) and how to fix it. Weight files are read and writte
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import importlib.util
 import inspect
@@ -23,7 +22,7 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from ..errors import ModelError
+from ..errors import ModelError, closest
 from .builtin import ARCHS, MLP, GPT, LinearModel
 from .weights import load_base_weights, read_state_dict, save_state_dict
 
@@ -34,8 +33,8 @@ __all__ = [
 
 
 def _did_you_mean(name: str, choices) -> str:
-    close = difflib.get_close_matches(name, list(choices), n=1)
-    return f"did you mean {close[0]!r}? " if close else ""
+    close = closest(name, choices)
+    return f"did you mean {close!r}? " if close else ""
 
 
 @contextmanager

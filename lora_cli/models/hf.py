@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 from pathlib import Path
 
 from torch import nn
@@ -181,7 +182,9 @@ def load_model(path: str | os.PathLike, *, task: str, label_map: dict[str, int] 
     transformers = _transformers()
     path = _check_dir(path, transformers)
     import torch
-    kwargs = {**NO_REMOTE_CODE, "dtype": torch.float32}
+    major, minor = (int(v) for v in re.findall(r"\d+", transformers.__version__)[:2])
+    dtype_key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"     # renamed in 4.56
+    kwargs = {**NO_REMOTE_CODE, dtype_key: torch.float32}
     try:
         if task == "causal_lm":
             model = transformers.AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
