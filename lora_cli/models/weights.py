@@ -29,6 +29,7 @@ from torch import nn
 from ..errors import ModelError
 from ..files import write_atomic
 from ..layers import LoraLayer
+from ..streaming import read_header
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin")
@@ -64,6 +65,9 @@ def _check_flat_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
             where=str(path),
             fix="save model.state_dict() (not the model or a list), preferably with safetensors.torch.save_file",
         )
+    if not obj:
+        raise ModelError("the file holds an empty state dict (no tensors)", where=str(path),
+                         fix="save model.state_dict() of the trained model")
     for key, value in obj.items():
         if not isinstance(key, str):
             raise ModelError(
@@ -80,6 +84,11 @@ def _check_flat_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
                 "save a flat mapping of parameter names to tensors, e.g. model.state_dict()"
             )
             raise ModelError(f"key {key!r} holds {_describe(value)}, not a tensor", where=str(path), fix=fix)
+        if value.layout is not torch.strided or value.is_quantized or value.device.type != "cpu":
+            raise ModelError(f"key {key!r} holds a {str(value.layout).removeprefix('torch.')}"
+                             f"{' quantized' if value.is_quantized else ''} tensor on {value.device.type}, "
+                             "not a plain dense one", where=str(path),
+                             fix="save plain dense tensors (tensor.to_dense(), dequantize())")
     return dict(obj)
 
 
@@ -97,6 +106,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                          fix="check the path (relative paths are relative to the current directory)")
     suffix = path.suffix.lower()
     if suffix in SAFETENSORS_SUFFIXES:
+        read_header(path)   # checked by lora-cli's own rules first: a ModelError naming what is wrong
         try:
             return load_safetensors(str(path), device="cpu")
         except (SafetensorError, OSError, ValueError) as e:
@@ -112,6 +122,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                 obj = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
             found = re.search(r"GLOBAL ([\w.]+)", str(e))
+            if found is None and "GLOBAL" not in str(e):   # not code: bytes that are no pickle at all
+                raise ModelError("not a readable PyTorch file; it is probably truncated or corrupt", where=str(path),
+                                 fix="save or download the file again (torch.save(model.state_dict(), path))") from e
             refs = f" (it references {found.group(1)})" if found else ""
             whole_model = found is not None and found.group(1).startswith("torch.nn.modules")
             raise ModelError(
@@ -121,9 +134,11 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                 fix="ONLY if you trust this file, convert it to safetensors and point the config at the "
                     f"new file:\n    {_convert_snippet(path)}",
             ) from e
-        except (RuntimeError, EOFError, OSError, ValueError) as e:
+        except Exception as e:   # an untrusted file: whatever torch.load fails with, the file is at fault
+            detail = (str(e).strip().splitlines() or ["the file ended early" if isinstance(e, EOFError)
+                                                      else "no detail"])[0][:200]
             raise ModelError(
-                f"not a readable PyTorch file ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                f"not a readable PyTorch file ({type(e).__name__}: {detail}); "
                 "it is probably truncated or corrupt",
                 where=str(path),
                 fix="save or download the file again (torch.save(model.state_dict(), path))",
