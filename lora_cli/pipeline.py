@@ -137,8 +137,9 @@ def config_from_adapter(adapter: Adapter) -> Config:
     adapter of a Hugging Face model, one rebuilt from its base path and task type."""
     meta = adapter.meta
     if "config" in meta:
-        data = dict(meta["config"])
-        data["model"] = {**data["model"], "args": meta.get("model_args", data["model"].get("args", {}))}
+        data = dict(meta["config"])   # checked by validate_adapter_config: its model, if any, is a mapping
+        model = data.get("model") or {}
+        data["model"] = {**model, "args": meta.get("model_args", model.get("args", {}))}
         return config_from_dict(data, source=f"{adapter.source} (saved config)", check_files=False)
     base, task = adapter.config.get("base_model_name_or_path"), PEFT_TASKS.get(adapter.config.get("task_type"))
     if not base or not task or not Path(base).is_dir():
