@@ -12,13 +12,19 @@ resumes on any number of workers and under either strategy.
 A checkpoint directory is built under a temporary name, every file fsynced, then
 renamed into place: a ``step_N`` directory is complete or absent, never half-written.
 ``trainer_state.pt`` holds only tensors and plain containers, so it is read back with
-``torch.load(weights_only=True)``.
+``torch.load(weights_only=True)``. Both state files are checked when read
+(:func:`validate_info`, :func:`validate_state`) and against the resumed run before any
+of it is loaded (:func:`check_position`, :func:`states_for`): a checkpoint that is
+damaged, or written by something else, is one UserError naming what is wrong.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
+import pickle
 import random
 import re
 import signal
@@ -177,7 +183,8 @@ class Restored:
 
     @property
     def loop(self) -> LoopState:
-        return LoopState(**self.state["loop"])
+        known = {f.name for f in dataclasses.fields(LoopState)}   # keys a later version adds are ignored
+        return LoopState(**{k: v for k, v in self.state["loop"].items() if k in known})
 
     @property
     def rng(self) -> list[dict]:
@@ -187,27 +194,264 @@ class Restored:
 
 
 def read_checkpoint(ckpt: Checkpoint) -> Restored:
-    """Read a checkpoint without touching any model."""
+    """Read a checkpoint without touching any model; every file is checked."""
     info = read_info(ckpt)
+    path = ckpt.path / "trainer_state.pt"
+    if not path.is_file():
+        raise _unreadable(ckpt, "trainer_state.pt is missing")
     try:
-        state = torch.load(ckpt.path / "trainer_state.pt", map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if found is None:
+            raise _unreadable(ckpt, "trainer_state.pt is truncated or corrupt (not a PyTorch file)") from None
+        raise _unreadable(ckpt, f"trainer_state.pt is not a plain state file: unpickling it would run code "
+                                f"(it references {found.group(1)}), and lora-cli never does that") from None
+    except Exception as exc:     # an untrusted file: whatever torch.load fails with, the file is at fault
+        detail = (str(exc).strip().splitlines() or ["the file ended early" if isinstance(exc, EOFError)
+                                                    else type(exc).__name__])[0][:200]
+        raise _unreadable(ckpt, f"trainer_state.pt is truncated or corrupt ({detail})") from None
+    state = validate_state(state, ckpt)
+    try:
         adapter = read_adapter(ckpt.path / "adapter")
-    except (OSError, ValueError, RuntimeError, UserError) as exc:
-        raise _unreadable(ckpt, exc.what if isinstance(exc, UserError) else str(exc)) from None
+    except UserError as exc:
+        raise _unreadable(ckpt, exc.what) from None
     return Restored(adapter=adapter, state=state, info=info, path=ckpt.path)
 
 
 def read_info(ckpt: Checkpoint) -> dict:
-    """trainer_state.json of a checkpoint: step, epoch, workers, config."""
+    """trainer_state.json of a checkpoint (step, epoch, workers, config), checked."""
     try:
-        return json.loads((ckpt.path / "trainer_state.json").read_text())
-    except (OSError, ValueError) as exc:       # JSONDecodeError is a ValueError
-        raise _unreadable(ckpt, str(exc)) from None
+        info = json.loads((ckpt.path / "trainer_state.json").read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise _unreadable(ckpt, f"trainer_state.json: {exc.strerror or exc}") from None
+    except RecursionError:
+        raise _unreadable(ckpt, "trainer_state.json is nested too deeply") from None
+    except ValueError as exc:       # JSONDecodeError, UnicodeDecodeError, an integer of 5000 digits
+        raise _unreadable(ckpt, f"trainer_state.json is not valid JSON ({exc})") from None
+    return validate_info(info, ckpt)
 
 
 def _unreadable(ckpt: Checkpoint, detail: str) -> UserError:
     return UserError(f"checkpoint cannot be read: {detail}", where=str(ckpt.path),
                      fix="delete this checkpoint directory to resume from the one before it")
+
+
+def _is_int(v, minimum: int = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= minimum
+
+
+def _is_number(v) -> bool:
+    if isinstance(v, torch.Tensor):
+        return v.numel() == 1 and not v.is_complex() and bool(torch.isfinite(v).all())
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:
+        return False
+
+
+def _show(value) -> str:
+    text = repr(value) if not isinstance(value, torch.Tensor) else f"a tensor of shape {tuple(value.shape)}"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def validate_info(info, ckpt: Checkpoint) -> dict:
+    """trainer_state.json, checked: an object whose ``step`` is its directory's, with an
+    integer ``epoch`` >= 0, ``workers`` >= 1 (absent: 1) and the run's ``config`` (an
+    object, checked field by field when the resume compares it). Other keys pass: later
+    versions add some."""
+    if not isinstance(info, dict):
+        raise _unreadable(ckpt, f"trainer_state.json holds a JSON {type(info).__name__}, not an object")
+    problems = []
+    if info.get("step") != ckpt.step or not _is_int(info.get("step")):
+        problems.append(f"step must be {ckpt.step} (the directory's), got {_show(info.get('step'))}")
+    if not _is_int(info.get("epoch")):
+        problems.append(f"epoch must be an integer >= 0, got {_show(info.get('epoch'))}")
+    if not _is_int(info.get("workers", 1), 1):
+        problems.append(f"workers must be an integer >= 1, got {_show(info.get('workers'))}")
+    if not isinstance(info.get("config"), dict):
+        problems.append(f"config must be an object (the run's config), got {_show(info.get('config'))}")
+    if problems:
+        raise _unreadable(ckpt, "trainer_state.json: " + "; ".join(problems))
+    return info
+
+
+_LOOP_FIELDS = {   # LoopState field -> check, in words
+    "step": (_is_int, "an integer >= 0"),
+    "epoch": (_is_int, "an integer >= 0"),
+    "step_in_epoch": (_is_int, "an integer >= 0"),
+    "window_loss": (_is_number, "a finite number"),
+    "window_items": (_is_int, "an integer >= 0"),
+    "skipped": (_is_int, "an integer >= 0"),
+    "eval_base": (lambda v: v is None or _is_metrics(v), "null or metrics with a finite loss"),
+    "eval_final": (lambda v: v is None or _is_metrics(v), "null or metrics with a finite loss"),
+    "last_eval_step": (lambda v: v is None or _is_int(v), "null or an integer >= 0"),
+    "last_loss": (lambda v: v is None or _is_number(v), "null or a finite number"),
+}
+
+
+def _is_metrics(v) -> bool:
+    return (isinstance(v, dict) and all(isinstance(k, str) for k in v) and _is_number(v.get("loss"))
+            and not isinstance(v.get("loss"), torch.Tensor)
+            and all(isinstance(x, (int, float, list)) and not isinstance(x, bool) for x in v.values()))
+
+
+def validate_state(state, ckpt: Checkpoint) -> dict:
+    """trainer_state.pt (as a weights_only load returns it), checked: an object with the
+    optimizer state (``state`` by parameter index, ``param_groups`` naming the indices),
+    the schedule and grad-scaler state objects, one RNG state per worker (each one that
+    torch, Python and numpy accept) and the loop position (:class:`LoopState`'s fields,
+    typed; its ``step`` the checkpoint's). Whether they fit the resumed run is checked
+    later, by :func:`check_position` and :func:`states_for`."""
+    def bad(detail: str) -> UserError:
+        return _unreadable(ckpt, f"trainer_state.pt: {detail}")
+
+    if not isinstance(state, dict):
+        raise bad(f"holds {_show(state)}, not an object of trainer states")
+    missing = [k for k in ("optimizer", "schedule", "scaler", "rng", "loop") if k not in state]
+    if missing:
+        raise bad(f"{', '.join(missing)} missing")
+    opt = state["optimizer"]
+    if not (isinstance(opt, dict) and isinstance(opt.get("state"), dict) and isinstance(opt.get("param_groups"), list)
+            and opt["param_groups"] and all(isinstance(g, dict) for g in opt["param_groups"])):
+        raise bad("optimizer must be an object with 'state' and a non-empty list of 'param_groups'")
+    indices = [i for g in opt["param_groups"] for i in (g.get("params") if isinstance(g.get("params"), list) else [None])]
+    if not all(_is_int(i) for i in indices) or len(set(indices)) != len(indices):
+        raise bad("optimizer param_groups must list distinct parameter indices")
+    for i, entry in opt["state"].items():
+        if i not in set(indices) or not isinstance(entry, dict) or not all(isinstance(k, str) for k in entry):
+            raise bad(f"optimizer state {_show(i)} is not the state of a parameter in its groups")
+    for name in ("schedule", "scaler"):
+        if not isinstance(state[name], dict) or not all(isinstance(k, str) for k in state[name]):
+            raise bad(f"{name} must be an object, got {_show(state[name])}")
+    rng = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
+    if not rng:
+        raise bad("rng holds no random state")
+    for n, one in enumerate(rng):
+        problem = _rng_problem(one)
+        if problem:
+            raise bad(f"rng state {n}: {problem}")
+    loop = state["loop"]
+    if not isinstance(loop, dict):
+        raise bad(f"loop must be an object, got {_show(loop)}")
+    for key, (ok, expect) in _LOOP_FIELDS.items():
+        if key in loop and not ok(loop[key]):
+            raise bad(f"loop.{key} must be {expect}, got {_show(loop[key])}")
+    if loop.get("step") != ckpt.step:
+        raise bad(f"loop.step must be {ckpt.step} (the directory's), got {_show(loop.get('step'))}")
+    return state
+
+
+def _rng_problem(state) -> str | None:
+    """Why an RNG state cannot be restored (tried on fresh generators), or None."""
+    if not isinstance(state, dict) or "torch" not in state or "python" not in state:
+        return "must be an object with 'torch' and 'python' states"
+    try:
+        t = state["torch"]
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or t.dim() != 1:
+            return "torch: must be a 1-D uint8 tensor"
+        torch.Generator().set_state(t)
+        random.Random().setstate(_py_unstate(state["python"]))
+        if "cuda" in state:
+            cuda = state["cuda"] if isinstance(state["cuda"], (list, tuple)) else [state["cuda"]]
+            if not all(isinstance(c, torch.Tensor) and c.dtype == torch.uint8 for c in cuda):
+                return "cuda: must be uint8 tensors"
+        if "numpy" in state:
+            try:
+                import numpy
+            except ImportError:
+                return None
+            numpy.random.RandomState().set_state(_numpy_state(_py_unstate(state["numpy"])))
+    except (TypeError, ValueError, KeyError, IndexError, RuntimeError, OverflowError, AttributeError) as exc:
+        return f"not a state the generator accepts ({str(exc).strip()[:120] or type(exc).__name__})"
+    return None
+
+
+def check_position(restored: Restored, steps_per_epoch: int, model: torch.nn.Module) -> None:
+    """The checkpoint must be a point this run passes: ``step`` = ``epoch`` x
+    steps_per_epoch + ``step_in_epoch``, with ``step_in_epoch`` < steps_per_epoch, and its
+    adapter scaled as the run's LoRA layers are (the config's lora.alpha)."""
+    from .inject import lora_layers
+
+    loop, fix = restored.loop, "delete this checkpoint directory to resume from the one before it"
+    if loop.step_in_epoch >= steps_per_epoch or loop.epoch * steps_per_epoch + loop.step_in_epoch != loop.step:
+        raise UserError(f"the checkpoint does not fit this run: trainer_state.pt: the loop position (step "
+                        f"{loop.step}, epoch {loop.epoch}, step {loop.step_in_epoch} in it) is not one of this run, "
+                        f"which has {steps_per_epoch} steps per epoch", where=str(restored.path), fix=fix)
+    layers = lora_layers(model)
+    for path, update in restored.adapter.updates.items():
+        layer = layers.get(path)
+        if layer is not None and not (math.isclose(update.alpha, layer.alpha) and
+                                      math.isclose(update.scaling, layer.scaling)):
+            raise UserError(f"the checkpoint does not fit this run: its adapter scales '{path}' by "
+                            f"{update.scaling:g} (alpha {update.alpha:g}), the run by {layer.scaling:g} "
+                            f"(lora.alpha {layer.alpha:g})", where=str(restored.path / "adapter"), fix=fix)
+
+
+def _kind(value):
+    """What a state entry is, for comparing a saved state with a fresh one."""
+    if value is None or isinstance(value, (bool, str)):
+        return type(value).__name__
+    if _is_number(value):
+        return "number"
+    if isinstance(value, (list, tuple)):
+        return ("list", tuple(_kind(v) for v in value))
+    return "other"
+
+
+def states_for(restored: Restored, optimizer: torch.optim.Optimizer, schedule, scaler) -> tuple[dict, dict, dict | None]:
+    """The optimizer, schedule and scaler states of a checkpoint, checked against the
+    fresh ones of the resumed run: the same parameter groups and sizes, every state
+    tensor shaped as its parameter, every setting of the same kind, the schedule at the
+    loop's step. Keys the run does not have are left out; an empty scaler state (a run
+    without float16 on CUDA) gives None: the scaler starts fresh."""
+    def bad(detail: str) -> UserError:
+        return UserError(f"the checkpoint does not fit this run: trainer_state.pt: {detail}", where=str(restored.path),
+                         fix="delete this checkpoint directory to resume from the one before it, or start a "
+                             "new run with --overwrite")
+
+    saved, live = restored.state["optimizer"], optimizer.state_dict()
+    if len(saved["param_groups"]) != len(live["param_groups"]):
+        raise bad(f"{len(saved['param_groups'])} optimizer parameter groups, the run has {len(live['param_groups'])}")
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for g_saved, g_live in zip(saved["param_groups"], live["param_groups"]):
+        if len(g_saved["params"]) != len(g_live["params"]):
+            raise bad(f"an optimizer group of {len(g_saved['params'])} parameters, the run's has "
+                      f"{len(g_live['params'])}")
+        for key, value in g_live.items():
+            if key != "params" and _kind(g_saved.get(key, ...)) != _kind(value):
+                raise bad(f"optimizer setting {key!r} is {_show(g_saved.get(key, 'missing'))}, not like {value!r}")
+    for i, entry in saved["state"].items():
+        if i >= len(params):
+            raise bad(f"optimizer state for parameter {i}, the run has {len(params)}")
+        shape = tuple(params[i].shape)      # whole, also for a sharded parameter: the state is stored whole
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor) and value.numel() != 1 and tuple(value.shape) != shape:
+                raise bad(f"optimizer state {key!r} of parameter {i} is {tuple(value.shape)}, the parameter {shape}")
+            if value is not None and not isinstance(value, torch.Tensor) and not _is_number(value):
+                raise bad(f"optimizer state {key!r} of parameter {i} is {_show(value)}")
+    sched_live = schedule.state_dict()
+    sched = {}
+    for key, value in sched_live.items():
+        got = restored.state["schedule"].get(key, ...)
+        if key == "lr_lambdas":
+            ok = isinstance(got, list) and len(got) == len(value) and all(x is None for x in got)
+        else:
+            ok = _kind(got) == _kind(value)
+        if not ok:
+            raise bad(f"schedule {key!r} is {_show(got if got is not ... else 'missing')}, not like {value!r}")
+        sched[key] = got
+    if sched.get("last_epoch") != restored.loop.step:
+        raise bad(f"the schedule is at step {sched.get('last_epoch')}, the loop at step {restored.loop.step}")
+    scaler_saved, scaler_live = restored.state["scaler"], scaler.state_dict()
+    if not scaler_saved or not scaler_live:
+        return saved, sched, None
+    for key, value in scaler_live.items():
+        if _kind(scaler_saved.get(key, ...)) != _kind(value):
+            raise bad(f"grad scaler {key!r} is {_show(scaler_saved.get(key, 'missing'))}")
+    return saved, sched, {k: scaler_saved[k] for k in scaler_live}
 
 
 def clean_partial(output_dir: str | os.PathLike) -> None:
@@ -223,11 +467,11 @@ def trim_metrics(path: Path, step: int) -> None:
     if not path.exists():
         return
     kept = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(errors="replace").splitlines():
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):     # cut short by a kill, or not lora-cli's
             continue
-        if isinstance(row, dict) and row.get("step", 0) <= step:
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
             kept.append(line)
     write_atomic(path, lambda f: f.write("".join(k + "\n" for k in kept).encode()))

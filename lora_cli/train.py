@@ -301,7 +301,8 @@ def train(cfg: Config, *, reporter: Reporter | None = None, overwrite: bool = Fa
         if restored is None:
             world.on_main(lambda: _start_output_dir(out, p.cfg, overwrite))
         else:
-            world.on_all(lambda: load_adapter_weights(p.built.model, restored.adapter))
+            world.on_all(lambda: (ckpt.check_position(restored, p.steps_per_epoch, p.built.model),
+                                  load_adapter_weights(p.built.model, restored.adapter)))
         run = _Run(p, out, reporter)
         if restored is not None:
             notes = [f"resuming from {restored.path} (step {restored.loop.step})", *notes, *run.restore(restored)]
@@ -353,9 +354,11 @@ class _Run:
     def restore(self, restored: ckpt.Restored) -> list[str]:
         """Continue from a checkpoint (its adapter is already in the model); notes."""
         notes = []
-        self.optimizer.load_state_dict(dist.shard_optimizer_state(self.optimizer, restored.state["optimizer"]))
-        self.schedule.load_state_dict(restored.state["schedule"])
-        self.scaler.load_state_dict(restored.state["scaler"])
+        optimizer, schedule, scaler = ckpt.states_for(restored, self.optimizer, self.schedule, self.scaler)
+        self.optimizer.load_state_dict(dist.shard_optimizer_state(self.optimizer, optimizer))
+        self.schedule.load_state_dict(schedule)
+        if scaler is not None:
+            self.scaler.load_state_dict(scaler)
         self.loop = restored.loop
         if len(restored.rng) == self.world.size:
             ckpt.set_rng_state(restored.rng[self.world.rank])
