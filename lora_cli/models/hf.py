@@ -36,7 +36,40 @@ def _check_dir(path: str | os.PathLike) -> Path:
     if not (path / "config.json").exists():
         raise ModelError("no config.json in this directory", where=str(path),
                          fix="point model.hf at a directory saved with save_pretrained")
+    read_model_config(path)
     return path
+
+
+MAX_MODEL_CONFIG_BYTES = 16 * 1024 * 1024
+
+
+def read_model_config(directory: str | os.PathLike) -> dict:
+    """A model directory's config.json, validated: a UTF-8 JSON object (at most 16 MB)
+    whose ``architectures``, if present, is a list of class names. The rest is
+    transformers' to check when it builds the model."""
+    import json
+
+    path = Path(directory) / "config.json"
+    fix = "the model directory is damaged; save the model again with save_pretrained"
+    try:
+        if not path.is_file():
+            raise ModelError("config.json is not a file", where=str(path), fix=fix)
+        if path.stat().st_size > MAX_MODEL_CONFIG_BYTES:
+            raise ModelError(f"config.json is {path.stat().st_size / 2**20:.0f} MB, more than a model config can be",
+                             where=str(path), fix=fix)
+        config = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise ModelError(f"cannot read config.json: {exc.strerror or exc}", where=str(path)) from None
+    except RecursionError:
+        raise ModelError("config.json is not valid JSON: nested too deeply", where=str(path), fix=fix) from None
+    except ValueError as exc:    # JSONDecodeError, UnicodeDecodeError, an integer of thousands of digits
+        raise ModelError(f"config.json is not valid JSON ({exc})", where=str(path), fix=fix) from None
+    if not isinstance(config, dict):
+        raise ModelError(f"config.json holds a JSON {type(config).__name__}, not an object", where=str(path), fix=fix)
+    arch = config.get("architectures")
+    if arch is not None and not (isinstance(arch, list) and all(isinstance(a, str) for a in arch)):
+        raise ModelError("config.json: architectures must be a list of class names", where=str(path), fix=fix)
+    return config
 
 
 class HFTokenizer:
@@ -73,7 +106,7 @@ def load_tokenizer(path: str | os.PathLike) -> HFTokenizer:
     path = _check_dir(path)
     try:
         tok = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:   # a damaged directory fails in many ways inside transformers
         raise ModelError(f"cannot load the tokenizer: {exc}", where=str(path),
                          fix="the directory needs the tokenizer files saved with the model") from None
     return HFTokenizer(tok)
@@ -99,8 +132,10 @@ def load_model(path: str | os.PathLike, *, task: str, label_map: dict[str, int] 
         else:
             raise ModelError(f"task {task!r} is not available for Hugging Face models", where="task",
                              fix="use task: causal_lm or classification with model.hf")
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot load the model: {exc}", where=str(path),
+    except ModelError:
+        raise
+    except Exception as exc:   # a damaged directory fails in many ways inside transformers
+        raise ModelError(f"cannot load the model: {type(exc).__name__}: {str(exc)[:300]}", where=str(path),
                          fix="check that the directory holds a complete save_pretrained model") from None
     return model
 
