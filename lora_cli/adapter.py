@@ -38,7 +38,7 @@ from torch import nn
 
 from . import __version__
 from .errors import AdapterError
-from .files import fsync_dir, remove, write_synced
+from .files import fsync_dir, remove, write_error, write_synced
 from .inject import LoraSpec, get_spec, inject, lora_layers, lora_parameters, name_matches, trainable_biases
 from .layers import LoraEmbedding, lora_scaling
 
@@ -248,12 +248,16 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, metadata: Ma
                            fix="call unmerge() on the LoRA layers first")
     config = adapter_config(model, base_model_name_or_path=base_model_name_or_path,
                             task_type=task_type, metadata=metadata)
-    return write_adapter(directory, config, adapter_tensors(model))
+    try:
+        return write_adapter(directory, config, adapter_tensors(model))
+    except OSError as exc:
+        raise write_error(exc, directory, "the adapter") from None
 
 
 def write_adapter(directory: str | os.PathLike, config: Mapping, tensors: Mapping[str, torch.Tensor]) -> Path:
     """Write adapter files (``config`` from :func:`adapter_config`, ``tensors`` under PEFT's
-    keys) to ``directory``, atomically: the complete new adapter or the previous one."""
+    keys) to ``directory``, atomically: the complete new adapter or the previous one. An
+    OSError (a full disk) is raised after the temporary files are removed."""
     from safetensors.torch import save
 
     directory = Path(directory)

@@ -35,7 +35,7 @@ import torch
 
 from .adapter import Adapter, read_adapter, write_adapter
 from .errors import UserError
-from .files import fsync_dir, remove, write_atomic, write_synced
+from .files import fsync_dir, remove, write_atomic, write_error, write_synced
 
 DIRNAME = "checkpoints"
 _STEP_DIR = re.compile(r"step_(\d+)")
@@ -143,12 +143,12 @@ def save_checkpoint(output_dir: str | os.PathLike, *, step: int, epoch: int, ada
     list of RNG states, one per worker.
     """
     root = Path(output_dir) / DIRNAME
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step}"
     tmp = root / f".step_{step}.tmp"
-    remove(tmp)
-    tmp.mkdir()
     try:
+        root.mkdir(parents=True, exist_ok=True)
+        remove(tmp)
+        tmp.mkdir()
         write_adapter(tmp / "adapter", adapter_config, adapter_tensors)
         write_synced(tmp / "trainer_state.pt", lambda f: torch.save(state, f))
         _maybe_fault("ckpt-write", step)
@@ -158,6 +158,9 @@ def save_checkpoint(output_dir: str | os.PathLike, *, step: int, epoch: int, ada
             remove(final)
         os.replace(tmp, final)
         fsync_dir(root)
+    except OSError as exc:
+        remove(tmp)
+        raise write_error(exc, final, f"the checkpoint of step {step}") from None
     except BaseException:
         remove(tmp)
         raise
@@ -202,11 +205,14 @@ def read_checkpoint(ckpt: Checkpoint) -> Restored:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        from .models.weights import is_pickle
+
         found = re.search(r"GLOBAL ([\w.]+)", str(exc))
-        if found is None:
+        if found is None and not is_pickle(path):
             raise _unreadable(ckpt, "trainer_state.pt is truncated or corrupt (not a PyTorch file)") from None
-        raise _unreadable(ckpt, f"trainer_state.pt is not a plain state file: unpickling it would run code "
-                                f"(it references {found.group(1)}), and lora-cli never does that") from None
+        refs = f" (it references {found.group(1)})" if found else ""
+        raise _unreadable(ckpt, f"trainer_state.pt is not a plain state file: unpickling it would run "
+                                f"code{refs}, and lora-cli never does that") from None
     except Exception as exc:     # an untrusted file: whatever torch.load fails with, the file is at fault
         detail = (str(exc).strip().splitlines() or ["the file ended early" if isinstance(exc, EOFError)
                                                     else type(exc).__name__])[0][:200]
@@ -474,4 +480,7 @@ def trim_metrics(path: Path, step: int) -> None:
             continue
         if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
             kept.append(line)
-    write_atomic(path, lambda f: f.write("".join(k + "\n" for k in kept).encode()))
+    try:
+        write_atomic(path, lambda f: f.write("".join(k + "\n" for k in kept).encode()))
+    except OSError as exc:
+        raise write_error(exc, path, "metrics.jsonl") from None

@@ -1,7 +1,9 @@
 """Everything the terminal shows: progress, tables, errors. The only module using rich.
 
 Library code returns values; the CLI hands them to the ``show_*`` functions here. When
-stdout is not a terminal (CI, a log file) progress becomes plain log lines.
+stdout is not a terminal (CI, a log file) progress becomes plain log lines. Every string
+that comes from the user or a file (paths, module and column names, notes) is printed
+literally: markup-escaped, and with emoji codes such as ``:cat:`` left alone.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+out = Console(highlight=False, emoji=False)
+err = Console(stderr=True, highlight=False, emoji=False)
 
 
 def _size(n: int | None) -> str:
@@ -49,7 +51,7 @@ def show_error(exc: Exception, prefix: str = "") -> None:
 
 
 def show_note(text: str) -> None:
-    err.print(f"[yellow]note:[/] {text}", soft_wrap=True)
+    err.print(f"[yellow]note:[/] {escape(text)}", soft_wrap=True)
 
 
 def show_summary(summary, title: str = "LoRA adapters") -> None:
@@ -61,7 +63,7 @@ def show_summary(summary, title: str = "LoRA adapters") -> None:
     rows = summary.modules
     shown = rows if len(rows) <= 24 else rows[:20]
     for m in shown:
-        table.add_row(m.name, m.kind, "x".join(map(str, m.shape)), _num(m.rank), _num(m.trainable))
+        table.add_row(escape(m.name), escape(m.kind), "x".join(map(str, m.shape)), _num(m.rank), _num(m.trainable))
     if len(shown) < len(rows):
         table.add_row(f"... {len(rows) - len(shown)} more", "", "", "", "")
     out.print(table)
@@ -84,12 +86,13 @@ def show_plan(plan) -> None:
     for name, part in (("train", d.train), ("eval", d.eval)):
         if part is not None:
             desc = datalib.describe(part)
-            table.add_row(name, part.source, ", ".join(f"{k} {_num(v)}" for k, v in desc.items()))
+            sizes = ", ".join(f"{k} {_num(v)}" for k, v in desc.items())
+            table.add_row(name, escape(str(part.source)), escape(sizes))
     out.print(table)
     if isinstance(d.train, datalib.TextData) and d.tokenizer is not None and hasattr(d.tokenizer, "decode"):
         show_example(d.train, d.tokenizer)
     workers = f"{plan.world.size} workers ({plan.world.strategy}), " if plan.world.distributed else ""
-    out.print(f"{workers}device {plan.device}, dtype {plan.cfg.dtype}; {describe_batch(plan)}; "
+    out.print(f"{workers}device {escape(str(plan.device))}, dtype {plan.cfg.dtype}; {describe_batch(plan)}; "
               f"{plan.steps_per_epoch} steps per epoch, {plan.total_steps} steps in all "
               f"({plan.epochs} epoch{'s' if plan.epochs != 1 else ''})")
 
@@ -138,7 +141,7 @@ class ProgressReporter:
             show_note(note)
         where = f"{plan.world.size} workers ({plan.world.strategy}, rank 0 on {plan.device})" \
             if plan.world.distributed else str(plan.device)
-        self.console.print(f"training {plan.total_steps} steps on {where}, {describe_batch(plan)} "
+        self.console.print(f"training {plan.total_steps} steps on {escape(where)}, {describe_batch(plan)} "
                            f"({plan.summary.trainable:,} trainable parameters, {plan.summary.percent:.3f}%)")
         if self.live:
             self.progress = Progress(
@@ -163,7 +166,7 @@ class ProgressReporter:
     def evaluated(self, row: dict) -> None:
         metrics = "  ".join(f"{k.removeprefix('eval_')} {_num(v)}" for k, v in row.items()
                             if k.startswith("eval_"))
-        text = f"eval @ step {row['step']}: {metrics}"
+        text = escape(f"eval @ step {row['step']}: {metrics}")
         (self.progress.console if self.progress else self.console).print(text)
 
     def finish(self) -> None:
@@ -179,7 +182,8 @@ def show_train_result(result) -> None:
     table.add_column()
     s = result.summary
     table.add_row("trainable", f"{s.trainable:,} of {s.total:,} parameters ({s.percent:.3f}%)")
-    table.add_row("adapter", f"{result.adapter_dir} ({_size(result.adapter_bytes)}; base {_size(result.base_bytes)})")
+    sizes = f"({_size(result.adapter_bytes)}; base {_size(result.base_bytes)})"
+    table.add_row("adapter", f"{escape(str(result.adapter_dir))} {sizes}")
     table.add_row("steps", f"{result.steps} ({result.epochs:.2f} epochs) in {result.seconds:.1f} s")
     if result.world.distributed:
         traffic = f"{_size(result.gradient_bytes)} of adapter gradients per step"
@@ -202,11 +206,11 @@ def show_json(data) -> None:
 
 def show_merge(report) -> None:
     """What lora-merge did."""
-    out.print(f"merged {len(report.changed)} of {report.tensors} tensors into [bold]{report.output}[/] "
-              f"({report.format}, {_size(report.bytes)})")
+    out.print(f"merged {len(report.changed)} of {report.tensors} tensors into [bold]{escape(str(report.output))}[/] "
+              f"({report.format}, {_size(report.bytes)})", soft_wrap=True)
     if report.added:
         out.print(f"added {len(report.added)} tensors the base did not have (new modules): "
-                  f"{', '.join(report.added[:6])}{' ...' if len(report.added) > 6 else ''}")
+                  f"{escape(', '.join(report.added[:6]))}{' ...' if len(report.added) > 6 else ''}", soft_wrap=True)
     out.print(f"largest |delta W|: {report.max_delta:.4g}")
 
 
@@ -219,7 +223,7 @@ def show_verification(result) -> None:
 
 def show_comparison(result) -> None:
     """Base and adapted metrics side by side, with the difference."""
-    table = Table(title=f"{result.task} on {result.data}", title_justify="left")
+    table = Table(title=escape(f"{result.task} on {result.data}"), title_justify="left")
     table.add_column("metric")
     table.add_column("base", justify="right")
     table.add_column(result.adapted_label, justify="right")
@@ -227,7 +231,7 @@ def show_comparison(result) -> None:
     delta = result.delta()
     for key, value in result.base.items():
         if key in delta:
-            table.add_row(key, _num(value), _num(result.adapted[key]), f"{delta[key]:+.4g}")
+            table.add_row(escape(key), _num(value), _num(result.adapted[key]), f"{delta[key]:+.4g}")
     out.print(table)
     out.print(f"{result.base.get('n', 0):,} {'target tokens' if result.task == 'causal_lm' else 'examples'}")
     confusion = result.adapted.get("confusion")
@@ -243,5 +247,6 @@ def show_comparison(result) -> None:
 
 def show_interrupted(stop, resume_command: str) -> None:
     """The line a stopped run leaves: where its checkpoint is and how to go on."""
-    err.print(f"[yellow]stopped[/] after step {stop.step} (signal {stop.signum}); checkpoint: {stop.checkpoint}")
-    err.print(f"resume with: [bold]{resume_command}[/]", soft_wrap=True)
+    err.print(f"[yellow]stopped[/] after step {stop.step} (signal {stop.signum}); "
+              f"checkpoint: {escape(str(stop.checkpoint))}", soft_wrap=True)
+    err.print(f"resume with: [bold]{escape(resume_command)}[/]", soft_wrap=True)

@@ -55,3 +55,8 @@ class TargetError(UserError):
 
 class AdapterError(UserError):
     """An adapter directory or file that is missing, malformed, or made for another base."""
+
+
+class OutputError(UserError):
+    """An output that cannot be written: the disk is full, the folder read-only or not
+    ours. What was half-written is removed before this is raised."""

@@ -26,7 +26,7 @@ from torch import nn
 
 from .adapter import Adapter, check_fingerprint
 from .errors import AdapterError, UserError
-from .files import fsync_dir, remove, write_synced
+from .files import fsync_dir, remove, write_error, write_synced
 from .inject import SPEC_ATTR, _set_submodule, lora_layers
 from .streaming import INDEX_NAME, SafetensorsReader, SafetensorsWriter, shard_files
 
@@ -214,6 +214,9 @@ def merge_checkpoint(base: str | os.PathLike, adapters: Sequence[Adapter], out: 
         merger.check({k: tuple(v.shape) for k, v in state.items()}, where=str(base))
         tensors = lambda: state.items()   # noqa: E731
     else:
+        if kind == "directory" and (base / "config.json").exists():
+            from .models.hf import read_model_config
+            read_model_config(base)     # copied into the output: refuse a damaged one up front
         readers = [SafetensorsReader(f) for f in (shard_files(base) if kind == "directory" else [base])]
         shapes = {k: spec[0] for r in readers for k, spec in r.specs.items()}
         merger.check(shapes, where=str(base))
@@ -257,6 +260,12 @@ def merge_checkpoint(base: str | os.PathLike, adapters: Sequence[Adapter], out: 
             remove(out)
         os.replace(tmp, out)
         fsync_dir(out.parent)
+    except OSError as exc:
+        remove(tmp)
+        if exc.filename and not os.fspath(exc.filename).startswith(os.fspath(tmp)):   # reading an input failed
+            raise UserError(f"cannot read {exc.filename}: {exc.strerror or exc}", where=str(base),
+                            fix="check the file, then merge again") from None
+        raise write_error(exc, out, "the merged output") from None
     except BaseException:
         remove(tmp)
         raise
@@ -284,11 +293,13 @@ def _write_streamed(reader: SafetensorsReader, path: Path, merged: Callable[[str
 def _update_model_config(directory: Path, adapters: Sequence[Adapter]) -> None:
     """A classifier adapter merged into a language-model directory makes a classifier:
     say so in config.json (architecture and labels), so transformers loads it as one."""
+    from .models.hf import read_model_config
+
     config_file = directory / "config.json"
     meta = next((a.meta for a in adapters if a.config.get("task_type") == "SEQ_CLS"), None)
     if meta is None or not config_file.exists():
         return
-    config = json.loads(config_file.read_text())
+    config = read_model_config(directory)
     config["architectures"] = [a.replace("ForCausalLM", "ForSequenceClassification")
                                for a in config.get("architectures") or []]
     label_map = meta.get("label_map")

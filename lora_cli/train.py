@@ -36,9 +36,9 @@ from . import distributed as dist
 from .adapter import WEIGHTS_NAME, adapter_config, adapter_keys, load_adapter_weights, write_adapter
 from .config import Config, config_to_dict, dump_config
 from .distributed import SINGLE, World
-from .errors import UserError
+from .errors import OutputError, UserError
 from .evaluate import evaluate, forward, ignore_rows, loss_fn, loss_items
-from .files import remove, write_atomic
+from .files import remove, write_atomic, write_error
 from .fused import shared_dropout
 from .inject import AdaptSummary, summarize
 from .pipeline import Built, adapter_metadata, autocast_for, batches, build, peft_fields, resolve_device
@@ -298,8 +298,9 @@ def train(cfg: Config, *, reporter: Reporter | None = None, overwrite: bool = Fa
 
         p, notes = world.on_all(setup)
         restored = world.on_main(lambda: ckpt.read_checkpoint(start[0])) if start else None
+        created = None     # the folder this run made (None: output_dir existed, or a resume)
         if restored is None:
-            world.on_main(lambda: _start_output_dir(out, p.cfg, overwrite))
+            created = world.on_main(lambda: _start_output_dir(out, p.cfg, overwrite))
         else:
             world.on_all(lambda: (ckpt.check_position(restored, p.steps_per_epoch, p.built.model),
                                   load_adapter_weights(p.built.model, restored.adapter)))
@@ -311,6 +312,13 @@ def train(cfg: Config, *, reporter: Reporter | None = None, overwrite: bool = Fa
             with _stop_on_signals() as received:
                 seconds = run.loop_over_data(received)
             adapter_dir, adapter_bytes = run.save_adapter()
+        except OutputError as exc:   # a full disk: a new run without a checkpoint to resume leaves nothing
+            run.close()
+            if world.is_main and ckpt.checkpoints(out):
+                exc.fix += "; then continue from the last checkpoint with --resume"
+            elif restored is None and world.is_main:
+                _discard_output_dir(out, created)
+            raise
         finally:
             run.close()
     if not world.distributed:
@@ -375,7 +383,10 @@ class _Run:
         signal arrived on any worker (after checkpointing), TrainingError on a non-finite loss."""
         p, t, loop, data = self.p, self.t, self.loop, self.data
         if self.world.is_main:
-            self.log = open(self.out / "metrics.jsonl", "a")    # noqa: SIM115 (closed by close())
+            try:
+                self.log = open(self.out / "metrics.jsonl", "a")    # noqa: SIM115 (closed by close())
+            except OSError as exc:
+                raise write_error(exc, self.out / "metrics.jsonl", "metrics.jsonl") from None
         started = time.perf_counter()
         self.engine.train()
         self.reporter.start(p)
@@ -495,8 +506,11 @@ class _Run:
 
     def write_row(self, row: dict) -> None:
         if self.log is not None:
-            self.log.write(json.dumps(row) + "\n")
-            self.log.flush()
+            try:
+                self.log.write(json.dumps(row) + "\n")
+                self.log.flush()
+            except OSError as exc:
+                raise write_error(exc, self.out / "metrics.jsonl", "metrics.jsonl") from None
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
         """The adapter's tensors whole, under their file keys (every worker takes part)."""
@@ -518,19 +532,48 @@ class _Run:
         tensors = self.adapter_tensors()
 
         def write() -> tuple[Path, int]:
-            adapter_dir = write_adapter(self.out / "adapter", self.adapter_config, tensors)
+            try:
+                adapter_dir = write_adapter(self.out / "adapter", self.adapter_config, tensors)
+            except OSError as exc:
+                raise write_error(exc, self.out / "adapter", "the adapter") from None
             return adapter_dir, (adapter_dir / WEIGHTS_NAME).stat().st_size
 
         return self.world.on_main(write)
 
     def close(self) -> None:
         if self.log is not None:
-            self.log.close()
+            try:
+                self.log.close()
+            except OSError:     # its last write failed already, and said so
+                pass
+            self.log = None
 
 
-def _start_output_dir(out: Path, cfg: Config, overwrite: bool) -> None:
-    prepare_output_dir(out, overwrite)
-    write_atomic(out / "config.yaml", lambda f: f.write(dump_config(cfg).encode()))
+def _start_output_dir(out: Path, cfg: Config, overwrite: bool) -> Path | None:
+    """Prepare output_dir and write config.yaml there; returns the top-most folder this
+    created (None when output_dir existed). A failure leaves no folder behind."""
+    created = next((p for p in reversed([out, *out.parents]) if not p.exists()), None)
+    try:
+        prepare_output_dir(out, overwrite)
+        write_atomic(out / "config.yaml", lambda f: f.write(dump_config(cfg).encode()))
+    except OSError as exc:
+        _discard_output_dir(out, created)
+        raise write_error(exc, out / "config.yaml", "config.yaml") from None
+    except BaseException:
+        if created is not None:
+            remove(created)
+        raise
+    return created
+
+
+def _discard_output_dir(out: Path, created: Path | None) -> None:
+    """Undo a run that could not be written: remove the folder it created, or else what
+    it wrote into an existing output_dir."""
+    if created is not None:
+        remove(created)
+    else:
+        for name in OWNED:
+            remove(out / name)
 
 
 def _size_on_disk(path: str) -> int:

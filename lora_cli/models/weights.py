@@ -27,7 +27,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from ..errors import ModelError
-from ..files import write_atomic
+from ..files import write_atomic, write_error
 from ..layers import LoraLayer
 from ..streaming import read_header
 
@@ -92,6 +92,16 @@ def _check_flat_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
+def is_pickle(path: Path) -> bool:
+    """Whether a file starts as torch.save's zip archive or a pickle (protocol 2 or later) does."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(2)
+    except OSError:
+        return False
+    return head == b"PK" or head[:1] == b"\x80"
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The tensors in a ``.safetensors``, ``.pt``, ``.pth`` or ``.bin`` file, on the CPU.
 
@@ -122,7 +132,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                 obj = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
             found = re.search(r"GLOBAL ([\w.]+)", str(e))
-            if found is None and "GLOBAL" not in str(e):   # not code: bytes that are no pickle at all
+            if found is None and not is_pickle(path):   # bytes that are no pickle at all
                 raise ModelError("not a readable PyTorch file; it is probably truncated or corrupt", where=str(path),
                                  fix="save or download the file again (torch.save(model.state_dict(), path))") from e
             refs = f" (it references {found.group(1)})" if found else ""
@@ -237,9 +247,12 @@ def save_state_dict(sd: Mapping[str, torch.Tensor], path: str | os.PathLike, *,
         raise ModelError(f"unknown weights file type {path.suffix or '(no extension)'!r}", where=str(path),
                          fix="name the file *.safetensors (preferred) or *.pt")
     tensors = _for_saving(sd)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if suffix in SAFETENSORS_SUFFIXES:
-        data = safetensors_bytes(tensors, metadata=dict(metadata) if metadata else None)
-        write_atomic(path, lambda f: f.write(data))
-    else:
-        write_atomic(path, lambda f: torch.save(tensors, f))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if suffix in SAFETENSORS_SUFFIXES:
+            data = safetensors_bytes(tensors, metadata=dict(metadata) if metadata else None)
+            write_atomic(path, lambda f: f.write(data))
+        else:
+            write_atomic(path, lambda f: torch.save(tensors, f))
+    except OSError as exc:
+        raise write_error(exc, path, "the weights") from None
