@@ -206,7 +206,8 @@ def compare(source: str | os.PathLike, *, data: str | None = None, merged: str |
     its saved metadata) or a training config (its output_dir's adapter is used).
     """
     from .adapter import load_adapter
-    from .pipeline import autocast_for, batches, build_base, load_heldout, resolve_device, search_path_of
+    from .pipeline import (autocast_for, batches, build_base, fingerprint_shapes, load_heldout, resolve_device,
+                           search_path_of)
 
     cfg, adapter = _source(source)
     meta = adapter.meta
@@ -223,7 +224,8 @@ def compare(source: str | os.PathLike, *, data: str | None = None, merged: str |
                         num_classes=held.num_classes, device=device, autocast=autocast)
 
     search = search_path_of(adapter)
-    model, _, _ = build_base(cfg, held, search_path=search)
+    # sizes are checked before anything is allocated; with --ignore-fingerprint only the model's size
+    model, _, _ = build_base(cfg, held, search_path=search, expect=fingerprint_shapes(adapter), exact=check_base)
     base_metrics = run(model)
     if merged:
         fresh, _, _ = build_base(cfg, held, search_path=search, weights=merged)

@@ -21,7 +21,8 @@ from .adapter import Adapter, base_fingerprint
 from .config import Config, config_from_dict, config_to_dict
 from .errors import ConfigError, UserError
 from .inject import apply_lora, get_spec, lora_layers
-from .models import build_model, infer_args, load_base_weights
+from .models import build_model, check_built_in_fits, infer_args, load_base_weights
+from .models.weights import weight_shapes
 from .tokenizer import ByteTokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -151,17 +152,31 @@ def config_from_adapter(adapter: Adapter) -> Config:
     return config_from_dict(data, source=f"{adapter.source} (from its PEFT config)", check_files=False)
 
 
+def fingerprint_shapes(adapter: Adapter) -> dict[str, tuple[int, ...]] | None:
+    """Name -> shape of the base an adapter was trained on, from its fingerprint (None
+    when it has none)."""
+    recorded = (adapter.meta.get("fingerprint") or {}).get("tensors")
+    if not recorded:
+        return None
+    return {name: tuple(int(n) for n in record.split("|")[0].split("x") if n) for name, record in recorded.items()}
+
+
 def search_path_of(adapter: Adapter) -> str | None:
     """The folder a class_path model was imported from when the adapter was trained."""
     return adapter.meta.get("search_path")
 
 
 def build_base(cfg: Config, data: Datasets, *, search_path: str | os.PathLike | None = None,
-               weights: str | os.PathLike | None = None) -> tuple[nn.Module, dict, list[str]]:
+               weights: str | os.PathLike | None = None, expect: dict[str, tuple[int, ...]] | None = None,
+               exact: bool = True) -> tuple[nn.Module, dict, list[str]]:
     """The base model with its weights loaded (or seeded random ones when base is null).
 
     ``weights`` loads another checkpoint of the same model instead of ``model.base``
-    (a merged one, say; for hf models, another model directory).
+    (a merged one, say; for hf models, another model directory). A built-in arch is
+    first built without memory (meta device) and checked against the weights' shapes,
+    or, without weights, against ``expect`` (name -> shape, e.g. from an adapter's
+    fingerprint; with ``exact=False`` only its size), so that sizes that do not fit are
+    refused before anything is allocated.
     """
     m, notes = cfg.model, []
     args = dict(m.args)
@@ -176,6 +191,10 @@ def build_base(cfg: Config, data: Datasets, *, search_path: str | os.PathLike | 
             args = infer_args(m.arch, args, vocab_size=data.tokenizer.vocab_size)
         else:
             args = infer_args(m.arch, args, n_features=len(data.features), n_outputs=data.num_classes or 1)
+        if weights or m.base or expect is not None:
+            source = weights or m.base
+            check_built_in_fits(m.arch, args, weight_shapes(source) if source else expect,
+                                str(source) if source else "the adapter's fingerprint", exact=exact or bool(source))
     model = build_model(arch=m.arch, class_path=m.class_path, args=args, search_path=search_path)
     if weights or m.base:
         load_base_weights(model, weights or m.base)

@@ -187,17 +187,28 @@ def load_base_weights(model: nn.Module, path: str | os.PathLike) -> None:
     """
     path = Path(path)
     sd = read_state_dict(path)
-    own = model.state_dict(keep_vars=True)
     lora = _lora_keys(model)
-    expected = {k: v for k, v in own.items() if k not in lora}
-    # Tied tensors: a missing key is fine when the same tensor loads under another name.
+    expected = {k: v for k, v in model.state_dict(keep_vars=True).items() if k not in lora}
+    check_fits(model, {k: tuple(v.shape) for k, v in sd.items()}, str(path))
     present_ids = {id(expected[k]) for k in sd if k in expected}
-    missing = [k for k in expected if k not in sd and id(expected[k]) not in present_ids]
-    unexpected = [k for k in sd if k not in expected]
-    mis_shaped = [
-        f"{k}: file {tuple(sd[k].shape)}, model {tuple(expected[k].shape)}"
-        for k in sd if k in expected and sd[k].shape != expected[k].shape
-    ]
+    result = model.load_state_dict(sd, strict=False)
+    # Internal invariant: everything left out was checked above.
+    assert not result.unexpected_keys, result.unexpected_keys
+    assert all(k in lora or id(expected[k]) in present_ids for k in result.missing_keys), result.missing_keys
+
+
+def check_fits(model: nn.Module, shapes: Mapping[str, tuple[int, ...]], where: str) -> None:
+    """A ModelError unless a base with these tensor ``shapes`` (name -> shape) loads into
+    ``model`` as :func:`load_base_weights` requires. ``model`` may live on the meta
+    device: this needs only its shapes."""
+    lora = _lora_keys(model)
+    expected = {k: v for k, v in model.state_dict(keep_vars=True).items() if k not in lora}
+    # Tied tensors: a missing key is fine when the same tensor loads under another name.
+    present_ids = {id(expected[k]) for k in shapes if k in expected}
+    missing = [k for k in expected if k not in shapes and id(expected[k]) not in present_ids]
+    unexpected = [k for k in shapes if k not in expected]
+    mis_shaped = [f"{k}: file {tuple(shapes[k])}, model {tuple(expected[k].shape)}"
+                  for k in shapes if k in expected and tuple(shapes[k]) != tuple(expected[k].shape)]
     if missing or unexpected or mis_shaped:
         parts = []
         if missing:
@@ -208,14 +219,29 @@ def load_base_weights(model: nn.Module, path: str | os.PathLike) -> None:
             parts.append(_listing("shapes that differ", mis_shaped))
         raise ModelError(
             "the base weights do not fit the model:\n" + "\n".join(parts),
-            where=str(path),
+            where=where,
             fix="use the checkpoint this model was trained from, or make model.arch/model.args "
                 "(sizes such as d_model, n_layer, in_features) match the checkpoint",
         )
-    result = model.load_state_dict(sd, strict=False)
-    # Internal invariant: everything left out was checked above.
-    assert not result.unexpected_keys, result.unexpected_keys
-    assert all(k in lora or id(expected[k]) in present_ids for k in result.missing_keys), result.missing_keys
+
+
+def weight_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of the tensors in a weights file, read cheaply: a safetensors
+    header, or a .pt file memory-mapped (read whole only in the legacy format)."""
+    path = Path(path)
+    if path.suffix.lower() in SAFETENSORS_SUFFIXES and path.is_file():
+        return {k: shape for k, (shape, _, _, _) in read_header(path)[0].items()}
+    if path.suffix.lower() in PICKLE_SUFFIXES and path.is_file():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            return {k: tuple(v.shape) for k, v in _check_flat_state_dict(obj, path).items()}
+        except ModelError:
+            raise
+        except Exception:       # the legacy format cannot be mapped; read_state_dict says what is wrong
+            pass
+    return {k: tuple(v.shape) for k, v in read_state_dict(path).items()}
 
 
 def _for_saving(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
