@@ -407,6 +407,22 @@ def _kind(value):
     return "other"
 
 
+def _state_of_one_step(optimizer: torch.optim.Optimizer) -> dict | None:
+    """The per-parameter state ``optimizer``'s class keeps, taken from a copy that made one
+    step on a (2, 2) parameter (None if that cannot be done)."""
+    import inspect
+
+    try:
+        takes = inspect.signature(type(optimizer)).parameters
+        param = torch.nn.Parameter(torch.zeros(2, 2))
+        scratch = type(optimizer)([param], **{k: v for k, v in optimizer.defaults.items() if k in takes})
+        param.grad = torch.ones(2, 2)
+        scratch.step()
+        return scratch.state_dict()["state"].get(0, {})
+    except Exception:
+        return None
+
+
 def states_for(restored: Restored, optimizer: torch.optim.Optimizer, schedule, scaler) -> tuple[dict, dict, dict | None]:
     """The optimizer, schedule and scaler states of a checkpoint, checked against the
     fresh ones of the resumed run: the same parameter groups and sizes, every state
@@ -429,15 +445,22 @@ def states_for(restored: Restored, optimizer: torch.optim.Optimizer, schedule, s
         for key, value in g_live.items():
             if key != "params" and _kind(g_saved.get(key, ...)) != _kind(value):
                 raise bad(f"optimizer setting {key!r} is {_show(g_saved.get(key, 'missing'))}, not like {value!r}")
+    reference = _state_of_one_step(optimizer)      # what this optimizer keeps per parameter, for a (2, 2) one
     for i, entry in saved["state"].items():
         if i >= len(params):
             raise bad(f"optimizer state for parameter {i}, the run has {len(params)}")
         shape = tuple(params[i].shape)      # whole, also for a sharded parameter: the state is stored whole
-        for key, value in entry.items():
-            if isinstance(value, torch.Tensor) and value.numel() != 1 and tuple(value.shape) != shape:
-                raise bad(f"optimizer state {key!r} of parameter {i} is {tuple(value.shape)}, the parameter {shape}")
-            if value is not None and not isinstance(value, torch.Tensor) and not _is_number(value):
-                raise bad(f"optimizer state {key!r} of parameter {i} is {_show(value)}")
+        for key, ref in (reference or {}).items() if entry else ():   # an empty state starts afresh
+            value = entry.get(key, ...)
+            if isinstance(ref, torch.Tensor) and ref.dim() == 2:      # shaped like its parameter
+                ok = isinstance(value, torch.Tensor) and tuple(value.shape) == shape and not value.is_complex()
+            elif isinstance(ref, torch.Tensor) or _is_number(ref):    # a count, like Adam's step
+                ok = (_is_number(value) and (not isinstance(value, torch.Tensor) or value.is_floating_point()))
+            else:                                                     # None: SGD without momentum
+                ok = value is None or (isinstance(value, torch.Tensor) and tuple(value.shape) == shape)
+            if not ok:
+                raise bad(f"optimizer state {key!r} of parameter {i} is "
+                          f"{'missing' if value is ... else _show(value)}, the parameter is {shape}")
     sched_live = schedule.state_dict()
     sched = {}
     for key, value in sched_live.items():

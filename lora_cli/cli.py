@@ -208,7 +208,7 @@ def merge_command(
     """Fold LoRA adapters into base weights: W' = W + weight * (alpha/r) * B @ A."""
     from .adapter import read_adapter
     from .console import show_merge, show_verification
-    from .evaluate import verify_merge
+    from .evaluate import prepare_verification
     from .merge import merge_checkpoint
 
     adapters, factors = _split_weights(adapters, weights)
@@ -218,11 +218,12 @@ def merge_command(
         raise UserError("--verify checks one adapter at weight 1", where="--verify",
                         fix="merge and verify adapters one at a time")
     loaded = [read_adapter(a) for a in adapters]
+    verify_merged = prepare_verification(adapters[0], base) if verify else None   # its errors come before writing
     report = merge_checkpoint(base, loaded, output, weights=factors, dtype=dtype, force=force,
                               check_base=not ignore_fingerprint)
     show_merge(report)
-    if verify:
-        result = verify_merge(adapters[0], base, report.output)
+    if verify_merged is not None:
+        result = verify_merged(report.output)
         show_verification(result)
         if not result.ok:
             raise typer.Exit(1)

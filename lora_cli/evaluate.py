@@ -254,7 +254,6 @@ class Verification:
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-6, torch.bfloat16: 5e-2, torch.float16: 5e-3}
 
 
-@torch.no_grad()
 def verify_merge(adapter_path: str | os.PathLike, base: str | os.PathLike, merged: str | os.PathLike, *,
                  data: str | None = None, max_batches: int = 4, batch_size: int = 8) -> Verification:
     """Run a few held-out batches through base+adapter and through the merged weights.
@@ -262,6 +261,15 @@ def verify_merge(adapter_path: str | os.PathLike, base: str | os.PathLike, merge
     The tolerance is relative to the outputs' scale and looser for a merged checkpoint
     saved in a lower precision than the base.
     """
+    return prepare_verification(adapter_path, base, data=data, max_batches=max_batches, batch_size=batch_size)(merged)
+
+
+@torch.no_grad()
+def prepare_verification(adapter_path: str | os.PathLike, base: str | os.PathLike, *, data: str | None = None,
+                         max_batches: int = 4, batch_size: int = 8) -> Callable[[str | os.PathLike], Verification]:
+    """The first half of :func:`verify_merge`, done before anything is merged: read the
+    adapter, its config and held-out data, build base+adapter. Returns the second half,
+    which takes the merged checkpoint. A UserError here means nothing was written yet."""
     from .adapter import load_adapter, read_adapter
     from .pipeline import batches, build_base, config_from_adapter, load_heldout, search_path_of
     from .streaming import SafetensorsReader
@@ -276,22 +284,26 @@ def verify_merge(adapter_path: str | os.PathLike, base: str | os.PathLike, merge
     search = search_path_of(adapter)
     adapted, _, _ = build_base(cfg, held, search_path=search, weights=str(base))
     load_adapter(adapted, adapter, check_base=False)
-    merged_model, _, _ = build_base(cfg, held, search_path=search, weights=str(merged))
     adapted.eval()
-    merged_model.eval()
-    merged = Path(merged)
-    if merged.suffix == ".safetensors":
-        dtypes = {d for _, d in SafetensorsReader(merged).specs.values() if d.is_floating_point}
-    else:
-        dtypes = {p.dtype for p in merged_model.parameters()}
-    tol = max(TOLERANCE.get(d, 1e-4) for d in dtypes) if dtypes else 1e-4
     pad = held.tokenizer.pad_id if held.tokenizer is not None else None
-    worst, scale, n = 0.0, 1.0, 0
-    for inputs, _ in batches(held.eval, torch.arange(len(held.eval)), batch_size, pad):
-        a, b = forward(adapted, inputs).float(), forward(merged_model, inputs).float()
-        worst = max(worst, float((a - b).abs().max()))
-        scale = max(scale, float(a.abs().max()))
-        n += 1
-        if n >= max_batches:
-            break
-    return Verification(max_abs_diff=worst, tolerance=tol * scale, batches=n)
+
+    @torch.no_grad()
+    def verify(merged: str | os.PathLike) -> Verification:
+        merged_model, _, _ = build_base(cfg, held, search_path=search, weights=str(merged))
+        merged_model.eval()
+        merged = Path(merged)
+        if merged.suffix == ".safetensors":
+            dtypes = {d for _, d in SafetensorsReader(merged).specs.values() if d.is_floating_point}
+        else:
+            dtypes = {p.dtype for p in merged_model.parameters()}
+        tol = max(TOLERANCE.get(d, 1e-4) for d in dtypes) if dtypes else 1e-4
+        worst, scale, n = 0.0, 1.0, 0
+        for inputs, _ in batches(held.eval, torch.arange(len(held.eval)), batch_size, pad):
+            a, b = forward(adapted, inputs).float(), forward(merged_model, inputs).float()
+            worst = max(worst, float((a - b).abs().max()))
+            scale = max(scale, float(a.abs().max()))
+            n += 1
+            if n >= max_batches:
+                break
+        return Verification(max_abs_diff=worst, tolerance=tol * scale, batches=n)
+    return verify

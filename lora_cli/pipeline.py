@@ -127,6 +127,7 @@ def load_heldout(cfg: Config, path: str | None = None, *, label_map: dict | None
         raise UserError("no held-out data: the config has neither data.eval nor data.val_split",
                         fix="pass --data FILE with held-out examples")
     label_map = label_map or getattr(held, "label_map", None)
+    features = features or getattr(held, "features", None)     # an adapter without them: the file's columns
     return Datasets(None, held, tokenizer=tok, label_map=label_map, features=features)
 
 
