@@ -275,8 +275,8 @@ def validate_info(info, ckpt: Checkpoint) -> dict:
         problems.append(f"step must be {ckpt.step} (the directory's), got {_show(info.get('step'))}")
     if not _is_int(info.get("epoch")):
         problems.append(f"epoch must be an integer >= 0, got {_show(info.get('epoch'))}")
-    if not _is_int(info.get("workers", 1), 1):
-        problems.append(f"workers must be an integer >= 1, got {_show(info.get('workers'))}")
+    if not _is_int(info.get("workers", 1), 1) or info.get("workers", 1) > 1 << 20:
+        problems.append(f"workers must be an integer from 1 to {1 << 20:,}, got {_show(info.get('workers'))}")
     if not isinstance(info.get("config"), dict):
         problems.append(f"config must be an object (the run's config), got {_show(info.get('config'))}")
     if problems:

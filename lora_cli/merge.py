@@ -124,6 +124,9 @@ class Merger:
     def __call__(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
         if key in self.replacements:   # a module_to_save / bias, or the base weight PEFT saved
             tensor = self.replacements[key].to(dtype=tensor.dtype, device=tensor.device)
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise AdapterError(f"the adapter's '{key}' (a trained bias or module) holds non-finite values",
+                                   fix="the adapter has diverged weights; check its training loss")
         items = self.updates.get(key)
         if not items:
             return tensor

@@ -138,7 +138,7 @@ def config_from_adapter(adapter: Adapter) -> Config:
     """The config an adapter was trained with, as saved in its metadata; for a PEFT
     adapter of a Hugging Face model, one rebuilt from its base path and task type."""
     meta = adapter.meta
-    if "config" in meta:
+    if meta.get("config") is not None:
         data = dict(meta["config"])   # checked by validate_adapter_config: its model, if any, is a mapping
         model = data.get("model") or {}
         data["model"] = {**model, "args": meta.get("model_args", model.get("args", {}))}

@@ -77,6 +77,8 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, tuple[tuple[int, ...
     """
     path = Path(path)
     try:
+        if not path.is_file():     # a FIFO or a device would block or never end
+            raise ValueError("not a regular file" if path.exists() else "file not found")
         size = path.stat().st_size
         with open(path, "rb") as fh:
             head = fh.read(8)
