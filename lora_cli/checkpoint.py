@@ -316,6 +316,9 @@ def validate_state(state, ckpt: Checkpoint) -> dict:
 
     if not isinstance(state, dict):
         raise bad(f"holds {_show(state)}, not an object of trainer states")
+    odd = _odd_tensor(state)
+    if odd is not None:
+        raise bad(f"holds a {odd} tensor; a trainer state holds only plain dense tensors")
     missing = [k for k in ("optimizer", "schedule", "scaler", "rng", "loop") if k not in state]
     if missing:
         raise bad(f"{', '.join(missing)} missing")
@@ -348,6 +351,20 @@ def validate_state(state, ckpt: Checkpoint) -> dict:
     if loop.get("step") != ckpt.step:
         raise bad(f"loop.step must be {ckpt.step} (the directory's), got {_show(loop.get('step'))}")
     return state
+
+
+def _odd_tensor(tree, depth: int = 0) -> str | None:
+    """What kind of tensor in ``tree`` (nested dicts, lists, tuples) is not a plain dense
+    CPU one (sparse, meta, quantized, ...), or None."""
+    if isinstance(tree, torch.Tensor):
+        kind = ([str(tree.layout).removeprefix("torch.")] if tree.layout is not torch.strided else []) + \
+            ["quantized"] * tree.is_quantized + ["nested"] * tree.is_nested + \
+            ([tree.device.type] if tree.device.type != "cpu" else [])
+        return " ".join(kind) or None
+    if depth > 32:
+        return "deeply nested"
+    children = tree.values() if isinstance(tree, dict) else tree if isinstance(tree, (list, tuple)) else ()
+    return next((odd for odd in (_odd_tensor(c, depth + 1) for c in children) if odd is not None), None)
 
 
 def _rng_problem(state) -> str | None:
@@ -407,6 +424,17 @@ def _kind(value):
     return "other"
 
 
+def _same(a, b) -> bool:
+    """Equal settings: numbers by value (a tuple and a list alike), the rest by ==."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, bool) or isinstance(b, bool) or a is None or b is None:
+        return a is b
+    if _is_number(a) and _is_number(b) and not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor):
+        return float(a) == float(b)
+    return type(a) is type(b) and not isinstance(a, torch.Tensor) and a == b
+
+
 def _state_of_one_step(optimizer: torch.optim.Optimizer) -> dict | None:
     """The per-parameter state ``optimizer``'s class keeps, taken from a copy that made one
     step on a (2, 2) parameter (None if that cannot be done)."""
@@ -426,9 +454,10 @@ def _state_of_one_step(optimizer: torch.optim.Optimizer) -> dict | None:
 def states_for(restored: Restored, optimizer: torch.optim.Optimizer, schedule, scaler) -> tuple[dict, dict, dict | None]:
     """The optimizer, schedule and scaler states of a checkpoint, checked against the
     fresh ones of the resumed run: the same parameter groups and sizes, every state
-    tensor shaped as its parameter, every setting of the same kind, the schedule at the
-    loop's step. Keys the run does not have are left out; an empty scaler state (a run
-    without float16 on CUDA) gives None: the scaler starts fresh."""
+    tensor shaped as its parameter, the same settings (the config's: only the scheduled
+    lr moves), the schedule at the loop's step from the same base lr. Keys the run does
+    not have are left out; an empty scaler state (a run without float16 on CUDA) gives
+    None: the scaler starts fresh."""
     def bad(detail: str) -> UserError:
         return UserError(f"the checkpoint does not fit this run: trainer_state.pt: {detail}", where=str(restored.path),
                          fix="delete this checkpoint directory to resume from the one before it, or start a "
@@ -443,8 +472,13 @@ def states_for(restored: Restored, optimizer: torch.optim.Optimizer, schedule, s
             raise bad(f"an optimizer group of {len(g_saved['params'])} parameters, the run's has "
                       f"{len(g_live['params'])}")
         for key, value in g_live.items():
-            if key != "params" and _kind(g_saved.get(key, ...)) != _kind(value):
-                raise bad(f"optimizer setting {key!r} is {_show(g_saved.get(key, 'missing'))}, not like {value!r}")
+            got = g_saved.get(key, "missing")
+            if key == "lr":
+                ok = _is_number(got) and not isinstance(got, torch.Tensor) and got >= 0
+            else:
+                ok = key == "params" or _same(got, value)
+            if not ok:
+                raise bad(f"optimizer setting {key!r} is {_show(got)}, the run's is {_show(value)}")
     reference = _state_of_one_step(optimizer)      # what this optimizer keeps per parameter, for a (2, 2) one
     for i, entry in saved["state"].items():
         if i >= len(params):
@@ -454,19 +488,24 @@ def states_for(restored: Restored, optimizer: torch.optim.Optimizer, schedule, s
             value = entry.get(key, ...)
             if isinstance(ref, torch.Tensor) and ref.dim() == 2:      # shaped like its parameter
                 ok = isinstance(value, torch.Tensor) and tuple(value.shape) == shape and not value.is_complex()
+                expect = f"a tensor of the parameter's shape {shape}"
             elif isinstance(ref, torch.Tensor) or _is_number(ref):    # a count, like Adam's step
                 ok = (_is_number(value) and (not isinstance(value, torch.Tensor) or value.is_floating_point()))
+                expect = "a count (a number, or a one-element float tensor)"
             else:                                                     # None: SGD without momentum
                 ok = value is None or (isinstance(value, torch.Tensor) and tuple(value.shape) == shape)
+                expect = f"null or a tensor of the parameter's shape {shape}"
             if not ok:
                 raise bad(f"optimizer state {key!r} of parameter {i} is "
-                          f"{'missing' if value is ... else _show(value)}, the parameter is {shape}")
+                          f"{'missing' if value is ... else _show(value)}, not {expect}")
     sched_live = schedule.state_dict()
     sched = {}
     for key, value in sched_live.items():
         got = restored.state["schedule"].get(key, ...)
         if key == "lr_lambdas":
             ok = isinstance(got, list) and len(got) == len(value) and all(x is None for x in got)
+        elif key == "base_lrs":
+            ok = _same(got, value)
         else:
             ok = _kind(got) == _kind(value)
         if not ok:
