@@ -490,6 +490,23 @@ _LORA_CLI_FIELDS = {
 }
 
 
+def _nul_at(tree, path: str = "", depth: int = 0) -> str | None:
+    """The key path of the first string (key or value) holding a NUL character, or None."""
+    if isinstance(tree, str):
+        return path if "\x00" in tree else None
+    if depth > 100:     # json.loads nests at most a few hundred levels deep; nothing lora-cli writes does
+        return None
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else ()
+    for key, value in items:
+        here = f"{path}.{key}" if path and isinstance(key, str) else f"{path}[{key}]" if path else str(key)
+        if isinstance(key, str) and "\x00" in key:
+            return here
+        found = _nul_at(value, here, depth + 1)
+        if found is not None:
+            return found
+    return None
+
+
 def validate_adapter_config(config, where: str) -> dict:
     """An adapter's config (adapter_config.json, or the copy in the safetensors header)
     checked against every field lora-cli reads: PEFT's (r, lora_alpha, bias, patterns,
@@ -509,6 +526,9 @@ def validate_adapter_config(config, where: str) -> dict:
     problems = problems_in(config, _PEFT_FIELDS, "")
     if isinstance(config.get("lora_cli"), dict):
         problems += problems_in(config["lora_cli"], _LORA_CLI_FIELDS, "lora_cli.")
+    nul = _nul_at(config)
+    if nul is not None:   # no path or name can hold one: the system refuses it when it is used
+        problems.append(f"{nul or 'the config'}: a string holds a NUL character")
     if problems:
         what = problems[0] if len(problems) == 1 else f"{len(problems)} problems:\n" + "\n".join(
             f"  - {p}" for p in problems[:10]) + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")

@@ -7,6 +7,7 @@ becomes one red message and exit code 2; anything else is a bug and keeps its tr
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 from pathlib import Path
@@ -35,12 +36,24 @@ Examples:
 """
 
 
+# A path the system refuses before any file is opened: a user error wherever it is met.
+_PATH_ERRNOS = (errno.ENAMETOOLONG, errno.EACCES, errno.EPERM, errno.ELOOP)
+
+
 def _user_errors(fn):
-    """Turn a UserError into one message and exit code 2."""
+    """Turn a UserError (or a path the system refuses to look up) into one message and
+    exit code 2."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            try:
+                return fn(*args, **kwargs)
+            except OSError as exc:
+                if exc.errno not in _PATH_ERRNOS or exc.filename is None:
+                    raise
+                raise UserError(f"cannot use this path: {exc.strerror}", where=str(exc.filename)[:300],
+                                fix="check the path: each name in it at most 255 bytes, in folders you may "
+                                    "read") from None
         except UserError as exc:
             from .console import show_error
             rank = os.environ.get("RANK", "0") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "0"

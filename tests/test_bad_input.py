@@ -1103,3 +1103,12 @@ def test_paths_with_brackets_print_literally_and_nothing_crashes_after_writing(p
     load_file(proj / "[red]" / "m [bold].safetensors")
     missing = _invoke(["train", "config.yaml", "data.train='[gone]/x [/].csv'", "output_dir=r2"], proj)
     expect_refused(missing, "[gone]/x [/].csv")
+
+
+def test_paths_the_system_refuses_are_one_message(proj):
+    long = "x" * 300 + ".safetensors"       # one name longer than the 255 bytes a file system allows
+    for args in (["eval", long], ["merge", long, ADAPTER], ["merge", "base.safetensors", ADAPTER, "-o", long],
+                 ["eval", ADAPTER, "--merged", long], ["train", "config.yaml", f"output_dir={long}"]):
+        expect_refused(_invoke(args, proj), "cannot use this path: File name too long")
+    edit_json(proj / ADAPTER / "adapter_config.json", lambda c: c["lora_cli"]["config"]["data"].update(eval="a\0b"))
+    expect_refused(_invoke(["eval", ADAPTER], proj), "lora_cli.config.data.eval: a string holds a NUL character")
