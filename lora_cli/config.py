@@ -233,6 +233,9 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = (), *,
     """Read a YAML config, apply KEY=VALUE overrides, validate, and return it."""
     where = os.fspath(path)
     try:
+        if Path(path).exists() and not Path(path).is_file() and not Path(path).is_dir():   # may never end
+            raise ConfigError(["cannot read config file: not a regular file (a pipe or a device)"], where=where,
+                              fix="give the path of the YAML config file")
         if Path(path).is_file() and Path(path).stat().st_size > MAX_CONFIG_BYTES:
             raise ConfigError([f"the config file is {Path(path).stat().st_size / 2**20:.1f} MB; a config is a few "
                                f"KB (at most {MAX_CONFIG_BYTES // 2**20} MB)"], where=where,

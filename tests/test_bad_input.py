@@ -1112,3 +1112,13 @@ def test_paths_the_system_refuses_are_one_message(proj):
         expect_refused(_invoke(args, proj), "cannot use this path: File name too long")
     edit_json(proj / ADAPTER / "adapter_config.json", lambda c: c["lora_cli"]["config"]["data"].update(eval="a\0b"))
     expect_refused(_invoke(["eval", ADAPTER], proj), "lora_cli.config.data.eval: a string holds a NUL character")
+
+
+def test_a_pipe_named_as_a_file_is_refused_instead_of_read_forever(proj):
+    for name in ("pipe.yaml", "pipe.csv", "pipe.safetensors"):
+        os.mkfifo(proj / name)
+    for args, needle in [(["train", "pipe.yaml"], "not a regular file"),
+                         (["eval", ADAPTER, "--data", "pipe.csv"], "not a regular file"),
+                         (["merge", "pipe.safetensors", ADAPTER], "not a regular file"),
+                         (["eval", "pipe.safetensors"], "adapter is not a file or directory")]:
+        expect_refused(_invoke(args, proj), needle)
