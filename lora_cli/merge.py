@@ -14,6 +14,7 @@ stream a large checkpoint through it without holding two copies of the model.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -265,7 +266,8 @@ def merge_checkpoint(base: str | os.PathLike, adapters: Sequence[Adapter], out: 
         fsync_dir(out.parent)
     except OSError as exc:
         remove(tmp)
-        if exc.filename and not os.fspath(exc.filename).startswith(os.fspath(tmp)):   # reading an input failed
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)   # whichever file it names
+        if not full and exc.filename and not os.fspath(exc.filename).startswith(os.fspath(tmp)):   # a read
             raise UserError(f"cannot read {exc.filename}: {exc.strerror or exc}", where=str(base),
                             fix="check the file, then merge again") from None
         raise write_error(exc, out, "the merged output") from None

@@ -1033,16 +1033,37 @@ def test_a_full_disk_while_writing_each_output_is_one_message(proj, monkeypatch,
     assert not (proj / "fresh").exists()
 
 
+def _sharded(proj: Path) -> Path:
+    """The base as a model directory: two shards, their index, a config.json."""
+    folder = proj / "sharded"
+    folder.mkdir()
+    weights = load_file(proj / "base.safetensors")
+    names = sorted(weights)
+    shard = {n: f"model-0000{1 + (i >= 3)}-of-00002.safetensors" for i, n in enumerate(names)}
+    for file in set(shard.values()):
+        save_file({n: weights[n] for n in names if shard[n] == file}, folder / file)
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": shard}))
+    (folder / "config.json").write_text(json.dumps({"architectures": ["MLP"], "note": "x" * 3000}))
+    return folder
+
+
 def test_a_full_disk_while_merging_leaves_no_output(proj, monkeypatch):
-    size = (proj / "base.safetensors").stat().st_size
-    for budget in (0, 8, size // 2, size - 1):
-        disk = FullDisk(proj / "outs", budget)
+    _sharded(proj)
+    for base, out in (("base.safetensors", "outs/m.safetensors"), ("sharded", "outs/merged")):
+        disk = FullDisk(proj / "outs", float("inf"))    # what the merge writes (copies go around write())
         (proj / "outs").mkdir(exist_ok=True)
         with monkeypatch.context() as m:
             disk.install(m)
-            result = _invoke(["merge", "base.safetensors", ADAPTER, "-o", "outs/m.safetensors"], proj)
-        expect_refused(result, "outs/m.safetensors: cannot write the merged output: the disk is full")
-        assert list((proj / "outs").iterdir()) == []
+            assert_outcome(_invoke(["merge", base, ADAPTER, "-o", out], proj), 0)
+        shutil.rmtree(proj / "outs")
+        for budget in (0, 8, disk.written // 2, disk.written - 1):
+            disk = FullDisk(proj / "outs", budget)
+            (proj / "outs").mkdir(exist_ok=True)
+            with monkeypatch.context() as m:
+                disk.install(m)
+                result = _invoke(["merge", base, ADAPTER, "-o", out], proj)
+            expect_refused(result, f"{out}: cannot write the merged output: the disk is full")
+            assert list((proj / "outs").iterdir()) == []
 
 
 def _mount_tmpfs(path: Path, size: str) -> bool:
@@ -1073,6 +1094,10 @@ def test_a_real_full_disk_on_a_small_tmpfs(proj, tmp_path, size):
         save_file(weights, proj / "big.safetensors")
         result = _invoke(["merge", "big.safetensors", ADAPTER, "-o", str(mount / "m.safetensors"),
                           "--ignore-fingerprint"], proj)
+        expect_refused(result, "cannot write the merged output: the disk is full")
+        assert list(mount.iterdir()) == []
+        (_sharded(proj) / "config.json").write_text(json.dumps({"note": "x" * 80_000}))   # more than the tmpfs
+        result = _invoke(["merge", "sharded", ADAPTER, "-o", str(mount / "merged")], proj)
         expect_refused(result, "cannot write the merged output: the disk is full")
         assert list(mount.iterdir()) == []
     finally:
