@@ -328,7 +328,8 @@ def read_adapter(path: str | os.PathLike) -> Adapter:
         header = reader.metadata
         tensors = {k: t for k, t in reader}
     except ModelError as exc:
-        raise AdapterError(f"cannot read the adapter weights: {exc.what.removeprefix('cannot read safetensors file: ')}",
+        detail = exc.what.removeprefix("cannot read safetensors file: ")
+        raise AdapterError(f"cannot read the adapter weights: {detail}",
                            where=str(weights),
                            fix="the file is truncated or not safetensors; save the adapter again") from None
     if path.is_dir() and config_file.is_file():   # the JSON is what PEFT reads: it wins
@@ -530,8 +531,9 @@ def validate_adapter_config(config, where: str) -> dict:
     if nul is not None:   # no path or name can hold one: the system refuses it when it is used
         problems.append(f"{nul or 'the config'}: a string holds a NUL character")
     if problems:
+        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
         what = problems[0] if len(problems) == 1 else f"{len(problems)} problems:\n" + "\n".join(
-            f"  - {p}" for p in problems[:10]) + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")
+            f"  - {p}" for p in problems[:10]) + more
         raise AdapterError(f"malformed adapter config: {what}", where=where, fix=_FIX)
     return config
 

@@ -326,7 +326,8 @@ def validate_state(state, ckpt: Checkpoint) -> dict:
     if not (isinstance(opt, dict) and isinstance(opt.get("state"), dict) and isinstance(opt.get("param_groups"), list)
             and opt["param_groups"] and all(isinstance(g, dict) for g in opt["param_groups"])):
         raise bad("optimizer must be an object with 'state' and a non-empty list of 'param_groups'")
-    indices = [i for g in opt["param_groups"] for i in (g.get("params") if isinstance(g.get("params"), list) else [None])]
+    indices = [i for g in opt["param_groups"]
+               for i in (g.get("params") if isinstance(g.get("params"), list) else [None])]
     if not all(_is_int(i) for i in indices) or len(set(indices)) != len(indices):
         raise bad("optimizer param_groups must list distinct parameter indices")
     for i, entry in opt["state"].items():
@@ -451,7 +452,8 @@ def _state_of_one_step(optimizer: torch.optim.Optimizer) -> dict | None:
         return None
 
 
-def states_for(restored: Restored, optimizer: torch.optim.Optimizer, schedule, scaler) -> tuple[dict, dict, dict | None]:
+def states_for(restored: Restored, optimizer: torch.optim.Optimizer, schedule,
+               scaler) -> tuple[dict, dict, dict | None]:
     """The optimizer, schedule and scaler states of a checkpoint, checked against the
     fresh ones of the resumed run: the same parameter groups and sizes, every state
     tensor shaped as its parameter, the same settings (the config's: only the scheduled

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..errors import ModelError
 from .builtin import ARCHS, MLP, GPT, LinearModel
-from .weights import check_fits, load_base_weights, read_state_dict, save_state_dict, weight_shapes
+from .weights import check_fits, load_base_weights, read_state_dict, save_state_dict
 
 __all__ = [
     "ARCHS", "GPT", "MLP", "LinearModel", "build_model", "check_built_in_fits", "infer_args",
