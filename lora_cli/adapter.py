@@ -20,6 +20,11 @@ base it was trained on, and what the caller adds: the model spec, task, label ma
 under the ``lora_cli`` key of adapter_config.json. The whole config is also stored in the
 safetensors header, so the ``.safetensors`` file alone, renamed or moved, is a complete
 adapter.
+
+Adapters are shared files: reading one checks everything before it is used (the
+safetensors header, every config field lora-cli reads in :func:`validate_adapter_config`,
+the shape and kind of every LoRA factor in :func:`parse_adapter`), so the code after it
+can trust what it gets, and a malformed adapter is one AdapterError.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """Weight files: read them without running code, load them strictly, write them atomically.
 
-Reading never unpickles arbitrary objects: ``.safetensors`` files hold only tensors, and
-``.pt``/``.pth``/``.bin`` files go through ``torch.load(..., weights_only=True)``, which
-refuses any pickle that would import or call something. Either way the result must be a
-flat mapping of ``str -> Tensor``.
+Reading never unpickles arbitrary objects: ``.safetensors`` files hold only tensors (their
+header checked by :func:`lora_cli.streaming.read_header` first), and ``.pt``/``.pth``/``.bin``
+files go through ``torch.load(..., weights_only=True)``, which refuses any pickle that
+would import or call something. Either way the result must be a flat mapping of
+``str -> Tensor`` (plain dense tensors).
 
 Loading a base into a model checks every key and shape first and only then copies, so an
 error never leaves a half-loaded model. LoRA tensors (``lora_A``, ``lora_B``,
