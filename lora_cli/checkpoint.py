@@ -328,8 +328,8 @@ def validate_state(state, ckpt: Checkpoint) -> dict:
         raise bad("optimizer must be an object with 'state' and a non-empty list of 'param_groups'")
     indices = [i for g in opt["param_groups"]
                for i in (g.get("params") if isinstance(g.get("params"), list) else [None])]
-    if not all(_is_int(i) for i in indices) or len(set(indices)) != len(indices):
-        raise bad("optimizer param_groups must list distinct parameter indices")
+    if indices != list(range(len(indices))):    # as torch's state_dict() numbers them
+        raise bad("optimizer param_groups must number the parameters 0, 1, 2, ... in order")
     for i, entry in opt["state"].items():
         if i not in set(indices) or not isinstance(entry, dict) or not all(isinstance(k, str) for k in entry):
             raise bad(f"optimizer state {_show(i)} is not the state of a parameter in its groups")
@@ -468,7 +468,9 @@ def states_for(restored: Restored, optimizer: torch.optim.Optimizer, schedule,
     saved, live = restored.state["optimizer"], optimizer.state_dict()
     if len(saved["param_groups"]) != len(live["param_groups"]):
         raise bad(f"{len(saved['param_groups'])} optimizer parameter groups, the run has {len(live['param_groups'])}")
-    params = [p for g in optimizer.param_groups for p in g["params"]]
+    # torch pairs the saved ids with this run's parameters group by group, in order
+    params = {i: p for g_saved, g in zip(saved["param_groups"], optimizer.param_groups)
+              for i, p in zip(g_saved["params"], g["params"])}
     for g_saved, g_live in zip(saved["param_groups"], live["param_groups"]):
         if len(g_saved["params"]) != len(g_live["params"]):
             raise bad(f"an optimizer group of {len(g_saved['params'])} parameters, the run's has "
@@ -483,8 +485,8 @@ def states_for(restored: Restored, optimizer: torch.optim.Optimizer, schedule,
                 raise bad(f"optimizer setting {key!r} is {_show(got)}, the run's is {_show(value)}")
     reference = _state_of_one_step(optimizer)      # what this optimizer keeps per parameter, for a (2, 2) one
     for i, entry in saved["state"].items():
-        if i >= len(params):
-            raise bad(f"optimizer state for parameter {i}, the run has {len(params)}")
+        if i not in params:
+            raise bad(f"optimizer state for parameter {i}, which no parameter group lists")
         shape = tuple(params[i].shape)      # whole, also for a sharded parameter: the state is stored whole
         for key, ref in (reference or {}).items() if entry else ():   # an empty state starts afresh
             value = entry.get(key, ...)

@@ -655,7 +655,7 @@ def _resume(proj: Path):
 
 @pytest.mark.parametrize("edit, needle", fast_first(
     "no-optimizer no-rng step-string eval-without-loss torch-rng python-rng state-shape state-missing step-none "
-    "lr-string extra-param schedule-step position scaler", [
+    "lr-string extra-param permuted schedule-step position scaler", [
     (lambda s: s.pop("optimizer"), "trainer_state.pt: optimizer missing"),
     (lambda s: s.pop("rng"), "trainer_state.pt: rng missing"),
     (lambda s: s["loop"].update(step="2"), "loop.step must be an integer"),
@@ -668,7 +668,8 @@ def _resume(proj: Path):
     (lambda s: s["optimizer"]["state"][0].update(step=None), "'step' of parameter 0 is None"),
     (lambda s: s["optimizer"]["param_groups"][0].update(lr="fast"),
      "optimizer setting 'lr' is 'fast', the run's is 0.01"),
-    (lambda s: s["optimizer"]["param_groups"][0]["params"].append(99), "an optimizer group of 5 parameters"),
+    (lambda s: s["optimizer"]["param_groups"][0]["params"].append(99), "must number the parameters 0, 1, 2"),
+    (lambda s: s["optimizer"]["param_groups"][0].update(params=[3, 2, 1, 0]), "must number the parameters 0, 1, 2"),
     (lambda s: s["schedule"].update(last_epoch=7), "the schedule is at step 7, the loop at step 2"),
     (lambda s: s["loop"].update(step_in_epoch=99), "the loop position"),
     (lambda s: s.__setitem__("scaler", "on"), "scaler must be an object"),
