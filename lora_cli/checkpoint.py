@@ -328,7 +328,7 @@ def validate_state(state, ckpt: Checkpoint) -> dict:
         raise bad("optimizer must be an object with 'state' and a non-empty list of 'param_groups'")
     indices = [i for g in opt["param_groups"]
                for i in (g.get("params") if isinstance(g.get("params"), list) else [None])]
-    if indices != list(range(len(indices))):    # as torch's state_dict() numbers them
+    if not all(_is_int(i) for i in indices) or indices != list(range(len(indices))):   # as torch numbers them
         raise bad("optimizer param_groups must number the parameters 0, 1, 2, ... in order")
     for i, entry in opt["state"].items():
         if i not in set(indices) or not isinstance(entry, dict) or not all(isinstance(k, str) for k in entry):
