@@ -416,6 +416,8 @@ def check_position(restored: Restored, steps_per_epoch: int, model: torch.nn.Mod
 
 def _kind(value):
     """What a state entry is, for comparing a saved state with a fresh one."""
+    if isinstance(value, torch.Tensor):     # the schedule and the scaler keep plain numbers
+        return "tensor"
     if value is None or isinstance(value, (bool, str)):
         return type(value).__name__
     if _is_number(value):
