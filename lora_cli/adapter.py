@@ -20,6 +20,11 @@ base it was trained on, and what the caller adds: the model spec, task, label ma
 under the ``lora_cli`` key of adapter_config.json. The whole config is also stored in the
 safetensors header, so the ``.safetensors`` file alone, renamed or moved, is a complete
 adapter.
+
+Adapters are shared files: reading one checks everything before it is used (the
+safetensors header, every config field lora-cli reads in :func:`validate_adapter_config`,
+the shape and kind of every LoRA factor in :func:`parse_adapter`), so the code after it
+can trust what it gets, and a malformed adapter is one AdapterError.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +44,7 @@ from torch import nn
 
 from . import __version__
 from .errors import AdapterError
-from .files import fsync_dir, remove, temp_path, write_synced
+from .files import fsync_dir, remove, temp_path, write_error, write_synced
 from .inject import LoraSpec, get_spec, inject, lora_layers, lora_parameters, name_matches, trainable_biases
 from .layers import LoraEmbedding, lora_scaling
 
@@ -310,12 +316,16 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, metadata: Ma
                            fix="call unmerge() on the LoRA layers first")
     config = adapter_config(model, base_model_name_or_path=base_model_name_or_path,
                             task_type=task_type, metadata=metadata)
-    return write_adapter(directory, config, adapter_tensors(model))
+    try:
+        return write_adapter(directory, config, adapter_tensors(model))
+    except OSError as exc:
+        raise write_error(exc, directory, "the adapter") from None
 
 
 def write_adapter(directory: str | os.PathLike, config: Mapping, tensors: Mapping[str, torch.Tensor]) -> Path:
     """Write adapter files (``config`` from :func:`adapter_config`, ``tensors`` under PEFT's
-    keys) to ``directory``, atomically: the complete new adapter or the previous one."""
+    keys) to ``directory``, atomically: the complete new adapter or the previous one. An
+    OSError (a full disk) is raised after the temporary files are removed."""
     from safetensors.torch import save
 
     directory = Path(directory)
@@ -357,14 +367,19 @@ def _require_spec(model: nn.Module) -> LoraSpec:
 
 def read_adapter(path: str | os.PathLike) -> Adapter:
     """Read an adapter directory, or its ``.safetensors`` file alone (the config then
-    comes from the file's header)."""
-    from safetensors import SafetensorError
-    from safetensors import safe_open
+    comes from the file's header).
+
+    Everything read is checked before it is used: the safetensors header by
+    :func:`lora_cli.streaming.read_header`, the config by :func:`validate_adapter_config`,
+    the tensors by :func:`parse_adapter`. A malformed adapter is an AdapterError.
+    """
+    from .errors import ModelError
+    from .streaming import SafetensorsReader
 
     path = Path(path)
     if path.is_dir():
         weights, config_file = path / WEIGHTS_NAME, path / CONFIG_NAME
-        if not weights.exists():
+        if not weights.is_file():
             alt = path / "adapter_model.bin"
             hint = " (a PEFT .bin adapter: re-save it with safetensors)" if alt.exists() else ""
             raise AdapterError(f"no {WEIGHTS_NAME} in this directory{hint}", where=str(path),
@@ -372,49 +387,258 @@ def read_adapter(path: str | os.PathLike) -> Adapter:
     elif path.is_file():
         weights, config_file = path, path.with_name(CONFIG_NAME)
     else:
-        raise AdapterError("adapter not found", where=str(path),
-                           fix="give an adapter directory or its adapter_model.safetensors file")
+        raise AdapterError("adapter not found" if not path.exists() else "adapter is not a file or directory",
+                           where=str(path), fix="give an adapter directory or its adapter_model.safetensors file")
     try:
-        with safe_open(str(weights), framework="pt") as f:
-            header = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise AdapterError(f"cannot read the adapter weights: {exc}", where=str(weights),
+        reader = SafetensorsReader(weights)
+        header = reader.metadata
+        tensors = {k: t for k, t in reader}
+    except ModelError as exc:
+        detail = exc.what.removeprefix("cannot read safetensors file: ")
+        raise AdapterError(f"cannot read the adapter weights: {detail}",
+                           where=str(weights),
                            fix="the file is truncated or not safetensors; save the adapter again") from None
-    if path.is_dir() and config_file.exists():   # the JSON is what PEFT reads: it wins
-        config = _parse_json(config_file.read_text(), str(config_file))
+    if path.is_dir() and config_file.is_file():   # the JSON is what PEFT reads: it wins
+        where = str(config_file)
+        config = _parse_json(_read_config_text(config_file), where)
     elif HEADER_KEY in header:
-        config = _parse_json(header[HEADER_KEY], f"{weights} (header)")
-    elif config_file.exists():
-        config = _parse_json(config_file.read_text(), str(config_file))
+        where = f"{weights} (header)"
+        config = _parse_json(header[HEADER_KEY], where)
+    elif config_file.is_file():
+        where = str(config_file)
+        config = _parse_json(_read_config_text(config_file), where)
     else:
         raise AdapterError(f"no adapter config: neither {CONFIG_NAME} beside it nor one in its header",
                            where=str(weights), fix=f"keep {CONFIG_NAME} next to the weights")
-    return parse_adapter(config, tensors, source=str(path))
+    return parse_adapter(config, tensors, source=str(path), config_source=where)
+
+
+MAX_CONFIG_BYTES = 64 * 1024 * 1024   # a fingerprint of 100,000 base tensors takes about 8 MB
+MAX_CLASSES = 10_000                  # a label map beyond this is refused (evaluation keeps a C x C table)
+_F32_MAX = 3.4028234663852886e38
+LAYOUTS = ("linear", "conv1d", "embedding")
+_RECORD = re.compile(r"(\d+(x\d+)*)?\|[a-z0-9_]+\|([0-9a-f]{16}|-)")   # a fingerprint entry: shape|dtype|hash
+_FIX = "the adapter is damaged or was not written by lora-cli or PEFT; train or save it again"
+
+
+def _read_config_text(path: Path) -> str:
+    try:
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise AdapterError(f"adapter config is {size / 2**20:.0f} MB, more than the {MAX_CONFIG_BYTES // 2**20} MB "
+                               "an adapter config can be", where=str(path), fix=_FIX)
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise AdapterError("adapter config is not UTF-8 text", where=str(path), fix=_FIX) from None
+    except OSError as exc:
+        raise AdapterError(f"cannot read the adapter config: {exc.strerror or exc}", where=str(path)) from None
 
 
 def _parse_json(text: str, where: str) -> dict:
+    if len(text) > MAX_CONFIG_BYTES:
+        raise AdapterError(f"adapter config is more than the {MAX_CONFIG_BYTES // 2**20} MB an adapter config can be",
+                           where=where, fix=_FIX)
     try:
         data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise AdapterError(f"adapter config is not valid JSON: {exc}", where=where) from None
+    except RecursionError:
+        raise AdapterError("adapter config is not valid JSON: nested too deeply", where=where, fix=_FIX) from None
+    except ValueError as exc:    # JSONDecodeError, or an integer of thousands of digits
+        raise AdapterError(f"adapter config is not valid JSON: {exc}", where=where, fix=_FIX) from None
     if not isinstance(data, dict):
-        raise AdapterError("adapter config is not a JSON object", where=where)
+        raise AdapterError(f"adapter config is a JSON {type(data).__name__}, not an object", where=where, fix=_FIX)
     return data
 
 
-def _pattern_value(patterns: Mapping, path: str, default):
-    """A rank/alpha pattern lookup as PEFT does it: the first key whose name matches."""
-    for key, value in (patterns or {}).items():
-        if name_matches(path, key):
-            return value
-    return default
+def _show(value, limit: int = 60) -> str:
+    """A value for an error message: repr, cut short (adapter files are untrusted)."""
+    try:
+        text = repr(value)
+    except ValueError:            # an int too long to print
+        text = "a huge integer"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def parse_adapter(config: dict, tensors: Mapping[str, torch.Tensor], *, source: str = "") -> Adapter:
-    """Sort an adapter's tensors into low-rank updates and whole-tensor replacements."""
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v, bound: float = _F32_MAX) -> bool:
+    """A finite int or float no larger than ``bound`` in size (bools are not numbers)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(v)) and abs(float(v)) <= bound
+    except OverflowError:
+        return False
+
+
+def _is_str_list(v) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+def _entries(ok, expect: str, *, keys: str = "names"):
+    """A check of an object whose values must each pass ``ok``: the first bad entry is named."""
+    def check(v):
+        if not isinstance(v, dict):
+            return f"must be an object of {keys} to {expect}, got {_show(v)}"
+        bad = next((k for k, x in v.items() if not ok(x)), None)
+        return None if bad is None else f"[{_show(bad)}] must be {expect}, got {_show(v[bad])}"
+    return check
+
+
+def _simple(ok, expect: str, *, null: bool = False):
+    """A check of one value: ``ok(value)``, or also null when ``null``."""
+    return lambda v: None if (v is None and null) or ok(v) else f"must be {expect}{' or null' * null}, got {_show(v)}"
+
+
+def _check_label_map(v):
+    if v is None:
+        return None
+    if not isinstance(v, dict) or not all(_is_int(i) for i in v.values()):
+        return f"must be an object of label names to class ids, got {_show(v)}"
+    if not 2 <= len(v) <= MAX_CLASSES:
+        return f"must hold 2 to {MAX_CLASSES:,} classes, got {len(v):,}"
+    if sorted(v.values()) != list(range(len(v))):
+        return f"must give the {len(v)} labels the class ids 0 to {len(v) - 1}, each once, got {_show(v)}"
+    return None
+
+
+def _check_fingerprint(v):
+    if v is None:
+        return None
+    if not isinstance(v, dict) or not isinstance(v.get("digest", ""), str):
+        return f"must be an object with a 'digest' string and 'tensors', got {_show(v)}"
+    problem = _entries(lambda x: isinstance(x, str) and _RECORD.fullmatch(x) is not None,
+                       "'shape|dtype|hash' (e.g. '8x3|float32|...')")(v.get("tensors"))
+    return problem and f"tensors{'' if problem.startswith('[') else ': '}{problem}"
+
+
+def _check_training_config(v):
+    if v is None:
+        return None
+    if not isinstance(v, dict):
+        return f"must be an object (the training config), got {_show(v)}"
+    if not isinstance(v.get("model", {}), dict):
+        return f"model: must be an object, got {_show(v['model'])}"
+    return None
+
+
+# adapter_config.json: key -> check (None when fine, else the problem). Absent keys take
+# PEFT's defaults; keys lora-cli does not read are not checked.
+_STRING = _simple(lambda v: isinstance(v, str), "a string", null=True)
+_FLAG = _simple(lambda v: isinstance(v, bool), "true or false", null=True)
+_PEFT_FIELDS = {
+    "peft_type": _STRING,
+    "task_type": _STRING,
+    "base_model_name_or_path": _STRING,
+    "r": _simple(lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "lora_alpha": _simple(_is_number, "a finite number (at most 3.4e38 in size)"),
+    "lora_dropout": _simple(lambda v: _is_number(v) and 0 <= v < 1, "a number >= 0 and < 1", null=True),
+    "use_rslora": _FLAG,
+    "fan_in_fan_out": _FLAG,
+    "use_dora": _FLAG,
+    "bias": _simple(lambda v: v in ("none", "all", "lora_only"), "one of none, all, lora_only"),
+    "modules_to_save": _simple(_is_str_list, "a list of module names", null=True),
+    "target_modules": _simple(lambda v: isinstance(v, str) or _is_str_list(v), "a list of names or a string",
+                              null=True),
+    "rank_pattern": lambda v: v and _entries(lambda x: _is_int(x) and x >= 1, "an integer >= 1")(v),
+    "alpha_pattern": lambda v: v and _entries(_is_number, "a finite number")(v),
+    "lora_cli": _simple(lambda v: isinstance(v, dict), "an object", null=True),
+}
+_LORA_CLI_FIELDS = {
+    "modules": _entries(lambda x: x in LAYOUTS, f"one of {', '.join(LAYOUTS)}", keys="module paths"),
+    "fingerprint": _check_fingerprint,
+    "model_args": _simple(lambda v: isinstance(v, dict), "an object of keyword arguments"),
+    "label_map": _check_label_map,
+    "features": _simple(lambda v: _is_str_list(v) and v and len(set(v)) == len(v),
+                        "a non-empty list of distinct column names", null=True),
+    "search_path": _STRING,
+    "config": _check_training_config,
+}
+
+
+def _nul_at(tree, path: str = "", depth: int = 0) -> str | None:
+    """The key path of the first string (key or value) holding a NUL character, or None."""
+    if isinstance(tree, str):
+        return path if "\x00" in tree else None
+    if depth > 100:     # json.loads nests at most a few hundred levels deep; nothing lora-cli writes does
+        return None
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else ()
+    for key, value in items:
+        here = f"{path}.{key}" if path and isinstance(key, str) else f"{path}[{key}]" if path else str(key)
+        if isinstance(key, str) and "\x00" in key:
+            return here
+        found = _nul_at(value, here, depth + 1)
+        if found is not None:
+            return found
+    return None
+
+
+def validate_adapter_config(config, where: str) -> dict:
+    """An adapter's config (adapter_config.json, or the copy in the safetensors header)
+    checked against every field lora-cli reads: PEFT's (r, lora_alpha, bias, patterns,
+    ...) and lora-cli's own under ``lora_cli`` (layouts, fingerprint, model arguments,
+    label map of at most MAX_CLASSES classes, features, training config).
+
+    All problems are reported together in one AdapterError. Keys lora-cli does not read
+    pass unchecked (PEFT adds fields); the training config is checked later, field by
+    field, by :func:`lora_cli.config.config_from_dict`.
+    """
+    if not isinstance(config, dict):
+        raise AdapterError(f"adapter config is a JSON {type(config).__name__}, not an object", where=where, fix=_FIX)
+    def problems_in(section: dict, fields: dict, prefix: str) -> list[str]:
+        found = ((key, check(section[key])) for key, check in fields.items() if key in section)
+        return [f"{prefix}{key}{'' if problem.startswith('[') else ': '}{problem}" for key, problem in found if problem]
+
+    problems = problems_in(config, _PEFT_FIELDS, "")
+    if isinstance(config.get("lora_cli"), dict):
+        problems += problems_in(config["lora_cli"], _LORA_CLI_FIELDS, "lora_cli.")
+    nul = _nul_at(config)
+    if nul is not None:   # no path or name can hold one: the system refuses it when it is used
+        problems.append(f"{nul or 'the config'}: a string holds a NUL character")
+    if problems:
+        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+        what = problems[0] if len(problems) == 1 else f"{len(problems)} problems:\n" + "\n".join(
+            f"  - {p}" for p in problems[:10]) + more
+        raise AdapterError(f"malformed adapter config: {what}", where=where, fix=_FIX)
+    return config
+
+
+def _pattern_lookup(patterns: Mapping | None):
+    """PEFT's rank/alpha pattern lookup: the value of the first key (in the file's order)
+    that names the module (the module path, or a dotted suffix of it). Each lookup costs
+    the path's depth, not the number of patterns."""
+    order = {key: i for i, key in enumerate(patterns or {})}
+
+    def lookup(path: str, default):
+        parts = path.split(".")
+        hits = [s for s in (".".join(parts[i:]) for i in range(len(parts))) if s in order]
+        return patterns[min(hits, key=order.__getitem__)] if hits else default
+    return lookup
+
+
+def _check_factor(t: torch.Tensor, name: str, path: str, source: str) -> None:
+    if t.dim() != 2 or min(t.shape) < 1:
+        raise AdapterError(f"module '{path}': {name} has shape {tuple(t.shape)}, not (rows, columns) of at least 1",
+                           where=source, fix=_FIX)
+    if not t.is_floating_point():
+        raise AdapterError(f"module '{path}': {name} holds {str(t.dtype).removeprefix('torch.')}, not floating-point "
+                           "numbers", where=source, fix=_FIX)
+
+
+def parse_adapter(config: dict, tensors: Mapping[str, torch.Tensor], *, source: str = "",
+                  config_source: str | None = None) -> Adapter:
+    """Check an adapter's config (:func:`validate_adapter_config`) and tensors, and sort
+    the tensors into low-rank updates and whole-tensor replacements.
+
+    Every LoRA factor is a 2-D floating-point tensor, A (r, in) and B (out, r) with
+    r >= 1 as the config says (non-finite values are caught where they would be used:
+    merging refuses them). ``config_source`` names
+    where the config came from in messages (default: ``source``).
+    """
+    config = validate_adapter_config(config, config_source or source)
     if config.get("peft_type", "LORA") != "LORA":
-        raise AdapterError(f"not a LoRA adapter (peft_type {config.get('peft_type')!r})", where=source)
+        raise AdapterError(f"not a LoRA adapter (peft_type {_show(config.get('peft_type'))})", where=source)
     for flag in ("use_dora",):
         if config.get(flag):
             raise AdapterError(f"adapters with {flag}=true are not supported", where=source,
@@ -426,7 +650,8 @@ def parse_adapter(config: dict, tensors: Mapping[str, torch.Tensor], *, source: 
     replacements: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
         if not key.startswith(PREFIX):
-            raise AdapterError(f"unexpected tensor key {key!r} (adapter keys start with {PREFIX!r})", where=source)
+            raise AdapterError(f"unexpected tensor key {_show(key)} (adapter keys start with {PREFIX!r})",
+                               where=source)
         rest = key[len(PREFIX):]
         for suffix, (factor, family) in LORA_SUFFIXES.items():
             if rest.endswith(suffix):
@@ -437,20 +662,24 @@ def parse_adapter(config: dict, tensors: Mapping[str, torch.Tensor], *, source: 
         else:   # PEFT names an adapted layer's own tensors "<path>.base_layer.<name>"
             replacements[rest.replace(".base_layer.", ".")] = t
     alpha, rank = config.get("lora_alpha", 8), config.get("r", 8)
+    rank_of, alpha_of = _pattern_lookup(config.get("rank_pattern")), _pattern_lookup(config.get("alpha_pattern"))
     updates = {}
     for path, pair in factors.items():
         if set(pair) != {"A", "B"}:
             raise AdapterError(f"module '{path}' has lora_{'A' if 'A' in pair else 'B'} but not its pair",
                                where=source)
         A, B = pair["A"], pair["B"]
+        _check_factor(A, "lora_A", path, source)
+        _check_factor(B, "lora_B", path, source)
         r = int(A.shape[0])
-        if A.dim() != 2 or B.dim() != 2 or B.shape[1] != r:
+        if B.shape[1] != r:
             raise AdapterError(f"module '{path}': lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} "
                                "do not form a low-rank pair", where=source)
-        expected_r = _pattern_value(config.get("rank_pattern"), path, rank)
+        expected_r = rank_of(path, rank)
         if r != expected_r:
-            raise AdapterError(f"module '{path}' has rank {r} but the config says r={expected_r}", where=source)
-        a = _pattern_value(config.get("alpha_pattern"), path, alpha)
+            raise AdapterError(f"module '{path}' has rank {r} but the config says r={_show(expected_r)}",
+                               where=source)
+        a = alpha_of(path, alpha)
         layout = layouts.get(path) or (
             "embedding" if families[path] == "embedding" else "conv1d" if fan_in_fan_out else "linear")
         updates[path] = LowRankUpdate(A=A, B=B, alpha=float(a), layout=layout,
@@ -506,7 +735,7 @@ def load_adapter(model: nn.Module, path_or_adapter, *, check_base: bool = True) 
     for name in config.get("modules_to_save") or []:   # exact paths from lora-cli, names from PEFT
         saved += [name] if name in modules else [p for p in modules if p and name_matches(p, name)]
     spec = LoraSpec(rank=int(config.get("r", 8)), alpha=float(config.get("lora_alpha", 8)),
-                    dropout=float(config.get("lora_dropout", 0.0)), use_rslora=bool(config.get("use_rslora")),
+                    dropout=float(config.get("lora_dropout") or 0.0), use_rslora=bool(config.get("use_rslora")),
                     bias=config.get("bias", "none"), targets=list(adapter.updates), modules_to_save=saved)
     declared = _declared_trained(model, spec)
     missing = sorted(declared - set(adapter.replacements))

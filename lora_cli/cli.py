@@ -7,6 +7,7 @@ becomes one red message and exit code 2; anything else is a bug and keeps its tr
 
 from __future__ import annotations
 
+import errno
 import functools
 import math
 import os
@@ -75,12 +76,24 @@ def _version_option():
                         help="Show lora-cli's version and exit.")
 
 
+# A path the system refuses before any file is opened: a user error wherever it is met.
+_PATH_ERRNOS = (errno.ENAMETOOLONG, errno.EACCES, errno.EPERM, errno.ELOOP)
+
+
 def _user_errors(fn):
-    """Turn a UserError into one message and exit code 2."""
+    """Turn a UserError (or a path the system refuses to look up) into one message and
+    exit code 2."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            try:
+                return fn(*args, **kwargs)
+            except OSError as exc:
+                if exc.errno not in _PATH_ERRNOS or exc.filename is None:
+                    raise
+                raise UserError(f"cannot use this path: {exc.strerror}", where=str(exc.filename)[:300],
+                                fix="check the path: each name in it at most 255 bytes, in folders you may "
+                                    "read") from None
         except UserError as exc:
             from .console import show_error
             rank = os.environ.get("RANK", "0") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "0"
@@ -314,7 +327,7 @@ def merge_command(
     """Fold LoRA adapters into base weights: W' = W + weight * (alpha/r) * B @ A."""
     from .adapter import read_adapter
     from .console import show_merge, show_model_code, show_verification
-    from .evaluate import prepare_verification, verify_merge
+    from .evaluate import prepare_verification
     from .merge import merge_checkpoint
     from .pipeline import CodeChoice
     from .pipeline import model_code as allowed_code
@@ -333,12 +346,12 @@ def merge_command(
     code = allowed_code(loaded[0], choice) if verify else None     # refused before anything is written
     if code is not None:
         show_model_code(code)
-    check = prepare_verification(adapters[0], base, data=data, code=code) if verify else None
+    verify_merged = prepare_verification(adapters[0], base, data=data, code=code) if verify else None
     report = merge_checkpoint(base, loaded, output, weights=factors, dtype=dtype, force=force,
                               check_base=not ignore_fingerprint)
     show_merge(report)
-    if check is not None:
-        result = verify_merge(check, report.output)
+    if verify_merged is not None:
+        result = verify_merged(report.output)
         show_verification(result)
         if not result.ok:
             raise typer.Exit(1)

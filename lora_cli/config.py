@@ -236,22 +236,33 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = (), *,
     """Read a YAML config, apply KEY=VALUE overrides, validate, and return it."""
     where = os.fspath(path)
     try:
+        if Path(path).exists() and not Path(path).is_file() and not Path(path).is_dir():   # may never end
+            raise ConfigError(["cannot read config file: not a regular file (a pipe or a device)"], where=where,
+                              fix="give the path of the YAML config file")
+        if Path(path).is_file() and Path(path).stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError([f"the config file is {Path(path).stat().st_size / 2**20:.1f} MB; a config is a few "
+                               f"KB (at most {MAX_CONFIG_BYTES // 2**20} MB)"], where=where,
+                              fix="check that this is the YAML config of the run, not a data or weights file")
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(["config file not found"], where=where) from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError([f"cannot read config file: {e}"], where=where) from None
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)
+        data = _load_yaml(text, _UniqueKeyLoader)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         what = f"{e.problem} ({e.context})" if e.context else e.problem or "syntax error"
         fix = ("keep one of the two entries (YAML would silently use the last)" if "duplicate key" in what
+               else "a config needs no deep nesting and no aliases that repeat large parts; write the values "
+                    "out" if isinstance(e, _YAMLLimit)
                else "check indentation (spaces, not tabs) and quoting near that line")
         raise ConfigError([f"invalid YAML{at}: {what}"], where=where, fix=fix) from None
     except yaml.YAMLError as e:
         raise ConfigError([f"invalid YAML: {e}"], where=where) from None
+    except ValueError as e:     # an integer of thousands of digits
+        raise ConfigError([f"invalid YAML: {e}"], where=where, fix="write numbers of at most a few digits") from None
     if data is None:
         raise ConfigError(["the config file is empty"], where=where,
                           fix="start from a file in configs/ (sections: model, data, lora, train)")
@@ -312,13 +323,20 @@ def apply_overrides(data: Mapping, overrides: Sequence[str], *, where: str | Non
     for item in overrides:
         key, sep, raw = item.partition("=")
         parts = key.strip().split(".")
+        shown = repr(item) if len(item) <= 200 else repr(item[:190]) + "..."   # an override may be huge
         if not sep or not all(parts):
-            problems.append(f"override {item!r}: expected dotted.key=value, e.g. lora.rank=4")
+            problems.append(f"override {shown}: expected dotted.key=value, e.g. lora.rank=4")
+            continue
+        if len(parts) > MAX_YAML_DEPTH:
+            problems.append(f"override {shown}: a key of more than {MAX_YAML_DEPTH} levels")
             continue
         try:
-            value = yaml.safe_load(raw)
+            value = _load_yaml(raw)
         except yaml.YAMLError as e:
-            problems.append(f"override {item!r}: value is not valid YAML ({getattr(e, 'problem', e)})")
+            problems.append(f"override {shown}: value is not valid YAML ({getattr(e, 'problem', None) or e})")
+            continue
+        except ValueError as e:     # an integer of thousands of digits
+            problems.append(f"override {shown}: value is not valid YAML ({e})")
             continue
         node = result
         for depth, part in enumerate(parts[:-1]):
@@ -327,7 +345,7 @@ def apply_overrides(data: Mapping, overrides: Sequence[str], *, where: str | Non
                 child = {}
             elif not isinstance(child, Mapping):
                 here = ".".join(parts[: depth + 1])
-                problems.append(f"override {item!r}: {here} is not a section (it is {_show(child)})")
+                problems.append(f"override {shown}: {here} is not a section (it is {_show(child)})")
                 break
             node[part] = child = dict(child)
             node = child
@@ -660,7 +678,67 @@ def _flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
+# A config is a few hundred values: these limits are generous, and keep a hostile file
+# (an alias bomb: 1 KB that expands to billions of values; nesting 50,000 deep) from
+# taking minutes and gigabytes, or a RecursionError.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_YAML_DEPTH = 64
+MAX_YAML_VALUES = 100_000
+
+
+class _YAMLLimit(yaml.composer.ComposerError):
+    """A YAML document beyond the size a config can have."""
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """safe_load with limits: nesting at most MAX_YAML_DEPTH deep and at most
+    MAX_YAML_VALUES values, both counted with aliases expanded."""
+
+    def compose_node(self, parent, index):
+        depth = getattr(self, "_depth", 0)
+        if depth >= MAX_YAML_DEPTH:
+            raise _YAMLLimit(None, None, f"nesting deeper than {MAX_YAML_DEPTH} levels",
+                             self.peek_event().start_mark)
+        self._depth = depth + 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth = depth
+
+    def compose_document(self):
+        node = super().compose_document()
+        self._measure(node, {}, set())
+        return node
+
+    def _measure(self, node, sizes: dict, open_: set) -> tuple[int, int]:
+        """(values, depth) of ``node`` with aliases expanded; each distinct node is measured once."""
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_:     # an alias to a node that contains it: one value (validation refuses it)
+            return 1, 1
+        open_.add(key)
+        children = [c for pair in node.value for c in pair] if isinstance(node, yaml.MappingNode) else \
+            node.value if isinstance(node, yaml.SequenceNode) else []
+        values, depth = 1, 1
+        for child in children:
+            v, d = self._measure(child, sizes, open_)
+            values, depth = values + v, max(depth, d + 1)
+        open_.discard(key)
+        if values > MAX_YAML_VALUES or depth > MAX_YAML_DEPTH:
+            what = f"more than {MAX_YAML_VALUES:,} values" if values > MAX_YAML_VALUES else \
+                f"nesting deeper than {MAX_YAML_DEPTH} levels"
+            raise _YAMLLimit(None, None, f"aliases expand to {what}", node.start_mark)
+        sizes[key] = (values, depth)
+        return values, depth
+
+
+def _load_yaml(text: str, loader: type = _BoundedLoader):
+    """YAML text as Python data, read by ``loader`` (a _BoundedLoader)."""
+    return yaml.load(text, Loader=loader)
+
+
+class _UniqueKeyLoader(_BoundedLoader):
     """safe_load that rejects a key written twice in one mapping (PyYAML keeps the last silently)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:

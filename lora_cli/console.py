@@ -1,7 +1,10 @@
 """Everything the terminal shows: progress, tables, errors. The only module using rich.
 
 Library code returns values; the CLI hands them to the ``show_*`` functions here. When
-stdout is not a terminal (CI, a log file) progress becomes plain log lines.
+stdout is not a terminal (CI, a log file) progress becomes plain log lines. Every string
+that comes from the user or a file (paths, module and column names, notes) is printed
+literally: markup escaped, control characters shown as ``\\x1b`` (a file name cannot send
+the terminal commands), emoji codes such as ``:cat:`` left alone.
 """
 
 from __future__ import annotations
@@ -14,8 +17,17 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+out = Console(highlight=False, emoji=False)
+err = Console(stderr=True, highlight=False, emoji=False)
+
+
+# Control characters (an ESC starts a terminal command) are shown as \x.. escapes.
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7f, *range(0x80, 0xa0)] if chr(c) not in "\n\t"}
+
+
+def _literal(text: str) -> str:
+    """``text`` as it is: rich markup escaped, control characters made visible."""
+    return escape(text.translate(_CONTROL))
 
 
 def _size(n: int | None) -> str:
@@ -50,21 +62,21 @@ def show_error(exc: Exception, prefix: str = "") -> None:
     what = getattr(exc, "what", str(exc))
     where = getattr(exc, "where", None)
     fix = getattr(exc, "fix", None)
-    err.print(f"{escape(prefix)}[bold red]error:[/] {escape(where + ': ') if where else ''}{escape(what)}",
+    err.print(f"{_literal(prefix)}[bold red]error:[/] {_literal(where + ': ') if where else ''}{_literal(what)}",
               markup=True, soft_wrap=True)
     if fix:
-        err.print(f"[yellow]  fix:[/] {escape(fix)}", soft_wrap=True)
+        err.print(f"[yellow]  fix:[/] {_literal(fix)}", soft_wrap=True)
 
 
 def show_note(text: str) -> None:
-    err.print(f"[yellow]note:[/] {escape(text)}", soft_wrap=True)
+    err.print(f"[yellow]note:[/] {_literal(text)}", soft_wrap=True)
 
 
 def show_model_code(code) -> None:
     """What an adapter's model imports, as the user allowed it, said before it is imported."""
     args = repr(code.args) if len(repr(code.args)) <= 200 else repr(code.args)[:197] + "..."
-    err.print(f"[yellow]note:[/] importing {escape(code.class_path)} ({escape(code.via)}) from "
-              f"{escape(code.origin)}, and calling it with {escape(args)}", soft_wrap=True)
+    err.print(f"[yellow]note:[/] importing {_literal(code.class_path)} ({_literal(code.via)}) from "
+              f"{_literal(code.origin)}, and calling it with {_literal(args)}", soft_wrap=True)
 
 
 def show_summary(summary, title: str = "LoRA adapters") -> None:
@@ -76,7 +88,7 @@ def show_summary(summary, title: str = "LoRA adapters") -> None:
     rows = summary.modules
     shown = rows if len(rows) <= 24 else rows[:20]
     for m in shown:
-        table.add_row(escape(m.name), m.kind, "x".join(map(str, m.shape)), _num(m.rank), _num(m.trainable))
+        table.add_row(_literal(m.name), _literal(m.kind), "x".join(map(str, m.shape)), _num(m.rank), _num(m.trainable))
     if len(shown) < len(rows):
         table.add_row(f"... {len(rows) - len(shown)} more", "", "", "", "")
     out.print(table)
@@ -99,12 +111,13 @@ def show_plan(plan) -> None:
     for name, part in (("train", d.train), ("eval", d.eval)):
         if part is not None:
             desc = datalib.describe(part)
-            table.add_row(name, escape(str(part.source)), ", ".join(f"{k} {_num(v)}" for k, v in desc.items()))
+            sizes = ", ".join(f"{k} {_num(v)}" for k, v in desc.items())
+            table.add_row(name, _literal(str(part.source)), _literal(sizes))
     out.print(table)
     if isinstance(d.train, datalib.TextData) and d.tokenizer is not None and hasattr(d.tokenizer, "decode"):
         show_example(d.train, d.tokenizer)
     workers = f"{plan.world.size} workers ({plan.world.strategy}), " if plan.world.distributed else ""
-    _line(f"{workers}device {plan.device}{_threads(plan)}, dtype {plan.cfg.dtype}; {describe_batch(plan)}; "
+    _line(f"{workers}device {_literal(str(plan.device))}{_threads(plan)}, dtype {plan.cfg.dtype}; {describe_batch(plan)}; "
           f"{plan.steps_per_epoch} steps per epoch, {plan.total_steps} steps in all "
           f"({_epochs(plan.total_steps / plan.steps_per_epoch)})")
 
@@ -145,6 +158,7 @@ def show_example(data, tokenizer) -> None:
     for i in range(1, len(ids) + 1):   # runs of equal mask
         if i == len(ids) or mask[i] != mask[start]:
             piece = tokenizer.decode(ids[start:i])
+            piece = piece.translate(_CONTROL)
             text.append(f"⟦{piece}⟧" if mask[start] else piece, style="bold green" if mask[start] else "dim")
             start = i
     out.print("first training example (loss on the part in ⟦ ⟧):")
@@ -173,7 +187,7 @@ class ProgressReporter:
             show_note(note)
         where = f"{plan.world.size} workers ({plan.world.strategy}, rank 0 on {plan.device}{_threads(plan)})" \
             if plan.world.distributed else f"{plan.device}{_threads(plan)}"
-        _line(f"training {plan.total_steps} steps on {where}, {describe_batch(plan)} "
+        _line(f"training {plan.total_steps} steps on {_literal(where)}, {describe_batch(plan)} "
               f"({plan.summary.trainable:,} trainable parameters, {plan.summary.percent:.3f}%)", self.console)
         if self.live:
             self.progress = Progress(
@@ -198,7 +212,7 @@ class ProgressReporter:
     def evaluated(self, row: dict) -> None:
         metrics = "  ".join(f"{k.removeprefix('eval_')} {_num(v)}" for k, v in row.items()
                             if k.startswith("eval_"))
-        text = f"eval @ step {row['step']}: {metrics}"
+        text = _literal(f"eval @ step {row['step']}: {metrics}")
         _line(text, self.progress.console if self.progress else self.console)
 
     def finish(self) -> None:
@@ -214,7 +228,7 @@ def show_train_result(result) -> None:
     table.add_column()
     s = result.summary
     table.add_row("trainable", f"{s.trainable:,} of {s.total:,} parameters ({s.percent:.3f}%)")
-    table.add_row("adapter", f"{escape(str(result.adapter_dir))} ({_size(result.adapter_bytes)}; base {_size(result.base_bytes)})")
+    table.add_row("adapter", f"{_literal(str(result.adapter_dir))} ({_size(result.adapter_bytes)}; base {_size(result.base_bytes)})")
     aside = [f"evaluation {result.eval_seconds:.1f} s"] if result.eval_seconds else []
     aside += [f"checkpoints {result.checkpoint_seconds:.1f} s"] if result.checkpoint_seconds else []
     table.add_row("steps", f"{result.steps} ({result.epochs:.2f} epochs) in {result.seconds:.1f} s: training "
@@ -240,11 +254,11 @@ def show_json(data) -> None:
 
 def show_merge(report) -> None:
     """What lora-merge did."""
-    _line(f"merged {len(report.changed)} of {report.tensors} tensors into [bold]{escape(str(report.output))}[/] "
+    _line(f"merged {len(report.changed)} of {report.tensors} tensors into [bold]{_literal(str(report.output))}[/] "
           f"({report.format}, {_size(report.bytes)})")
     if report.added:
         _line(f"added {len(report.added)} tensors the base did not have (new modules): "
-              f"{', '.join(report.added[:6])}{' ...' if len(report.added) > 6 else ''}", markup=False)
+              f"{_literal(', '.join(report.added[:6]))}{' ...' if len(report.added) > 6 else ''}")
     _line(f"largest |delta W|: {report.max_delta:.4g}")
 
 
@@ -257,7 +271,7 @@ def show_verification(result) -> None:
 
 def show_comparison(result) -> None:
     """Base and adapted metrics side by side, with the difference."""
-    table = Table(title=f"{result.task} on {escape(str(result.data))}", title_justify="left")
+    table = Table(title=f"{result.task} on {_literal(str(result.data))}", title_justify="left")
     table.add_column("metric")
     table.add_column("base", justify="right")
     table.add_column(result.adapted_label, justify="right")
@@ -265,7 +279,7 @@ def show_comparison(result) -> None:
     delta = result.delta()
     for key, value in result.base.items():
         if key in delta:
-            table.add_row(key, _num(value), _num(result.adapted[key]), f"{delta[key]:+.4g}")
+            table.add_row(_literal(key), _num(value), _num(result.adapted[key]), f"{delta[key]:+.4g}")
     out.print(table)
     out.print(f"{result.base.get('n', 0):,} {'target tokens' if result.task == 'causal_lm' else 'examples'}")
     confusion = result.adapted.get("confusion")
@@ -282,8 +296,8 @@ def show_comparison(result) -> None:
 def show_interrupted(stop, resume_command: str) -> None:
     """The line a stopped run leaves: where its checkpoint is and how to go on."""
     _line(f"[yellow]stopped[/] after step {stop.step} (signal {stop.signum}); checkpoint: "
-          f"{escape(str(stop.checkpoint))}", err)
-    err.print(f"resume with: [bold]{escape(resume_command)}[/]", soft_wrap=True)
+          f"{_literal(str(stop.checkpoint))}", err)
+    err.print(f"resume with: [bold]{_literal(resume_command)}[/]", soft_wrap=True)
 
 
 def show_examples(examples) -> None:

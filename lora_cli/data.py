@@ -128,6 +128,9 @@ def _read(path) -> str:
     """The file's text (UTF-8, an optional byte-order mark dropped)."""
     file = str(path)
     try:
+        if Path(path).exists() and not Path(path).is_file() and not Path(path).is_dir():
+            raise DataError("not a regular file (a pipe or a device, whose reading may never end)", where=file,
+                            fix="point to the data file itself")
         raw = Path(path).read_bytes()
     except FileNotFoundError:
         raise DataError("file not found", where=file,

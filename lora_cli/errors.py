@@ -96,3 +96,8 @@ def _edits(a: str, b: str) -> int:
                 row[j] = min(row[j], prev2[j - 2] + 1)
         prev2, prev = prev, row
     return prev[-1]
+
+
+class OutputError(UserError):
+    """An output that cannot be written: the disk is full, the folder read-only or not
+    ours. What was half-written is removed before this is raised."""

@@ -235,7 +235,7 @@ def compare(source: str | os.PathLike, *, data: str | None = None, merged: str |
     (or model directory) when they are no longer where the adapter says.
     """
     from .adapter import load_adapter
-    from .pipeline import autocast_for, batches, build_base, load_heldout, resolve_device
+    from .pipeline import autocast_for, batches, build_base, fingerprint_shapes, load_heldout, resolve_device
 
     cfg, adapter, search = _source(source, code, base=base, data=data)
     meta = adapter.meta
@@ -251,7 +251,8 @@ def compare(source: str | os.PathLike, *, data: str | None = None, merged: str |
         return evaluate(model, batches(held.eval, order, size, pad), cfg.task,
                         num_classes=held.num_classes, device=device, autocast=autocast)
 
-    model, _, _ = build_base(cfg, held, search_path=search)
+    # sizes are checked before anything is allocated; with --ignore-fingerprint only the model's size
+    model, _, _ = build_base(cfg, held, search_path=search, expect=fingerprint_shapes(adapter), exact=check_base)
     base_metrics = run(model)
     if merged:
         fresh, _, _ = build_base(cfg, held, search_path=search, weights=merged)
@@ -280,34 +281,58 @@ class Verification:
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-6, torch.bfloat16: 5e-2, torch.float16: 5e-3}
 
 
-@dataclass
-class VerifyInputs:
-    """What ``lora-merge --verify`` needs, gathered before anything is merged, so that a
-    missing piece (no held-out data, an unconfirmed class_path) stops the command before
-    it writes."""
-
-    cfg: object
-    adapter: object
-    held: object
-    base: str
-    search: str | None = None      # the folder a class_path model is imported from (the user's choice)
+def verify_merge(adapter_path: str | os.PathLike, base: str | os.PathLike, merged: str | os.PathLike, *,
+                 data: str | None = None, code=None, max_batches: int = 4, batch_size: int = 8) -> Verification:
+    """Run a few batches through base+adapter and through the merged weights; see
+    :func:`prepare_verification`, which does the first half."""
+    return prepare_verification(adapter_path, base, data=data, code=code, max_batches=max_batches,
+                                batch_size=batch_size)(merged)
 
 
-def prepare_verification(adapter_path: str | os.PathLike, base: str | os.PathLike, *,
-                         data: str | None = None, code=None) -> VerifyInputs:
-    """Read the adapter, rebuild its config for ``base`` (a class_path model only as
-    ``code``, a ModelCode from :func:`lora_cli.pipeline.model_code`, allows) and load the
-    inputs: ``data``, else the data the adapter names (its eval file, else its training
-    file: any inputs tell whether two models compute the same function)."""
-    from .adapter import read_adapter
-    from .pipeline import config_from_adapter, load_heldout
+@torch.no_grad()
+def prepare_verification(adapter_path: str | os.PathLike, base: str | os.PathLike, *, data: str | None = None,
+                         code=None, max_batches: int = 4,
+                         batch_size: int = 8) -> Callable[[str | os.PathLike], Verification]:
+    """The first half of :func:`verify_merge`, done before anything is merged: read the
+    adapter, rebuild its config for ``base`` (a class_path model only as ``code``, a
+    ModelCode from :func:`lora_cli.pipeline.model_code`, allows), load the inputs and
+    build base+adapter. The inputs are ``data``, else the data the adapter names (its
+    eval file, else its training file: any inputs tell whether two models compute the
+    same function). Returns the second half, which takes the merged checkpoint; a
+    UserError here means nothing was written yet.
+
+    The tolerance is relative to the outputs' scale and looser for a merged checkpoint
+    stored in a lower precision than float32.
+    """
+    from .adapter import load_adapter, read_adapter
+    from .pipeline import batches, build_base, config_from_adapter, load_heldout
 
     adapter = read_adapter(adapter_path)
     cfg = config_from_adapter(adapter, code, base=base, data=data)
     meta = adapter.meta
     held = load_heldout(cfg, data, label_map=meta.get("label_map"), features=meta.get("features"), any_split=True)
-    return VerifyInputs(cfg=cfg, adapter=adapter, held=held, base=str(base),
-                        search=code.folder if code is not None else None)
+    search = code.folder if code is not None else None
+    adapted, _, _ = build_base(cfg, held, search_path=search, weights=str(base))
+    load_adapter(adapted, adapter, check_base=False)
+    adapted.eval()
+    pad = held.tokenizer.pad_id if held.tokenizer is not None else None
+
+    @torch.no_grad()
+    def verify(merged: str | os.PathLike) -> Verification:
+        merged_model, _, _ = build_base(cfg, held, search_path=search, weights=str(merged))
+        merged_model.eval()
+        dtypes = stored_float_dtypes(merged)
+        tol = max(TOLERANCE.get(d, 1e-4) for d in dtypes) if dtypes else 1e-4
+        worst, scale, n = 0.0, 1.0, 0
+        for x, _ in batches(held.eval, torch.arange(len(held.eval)), batch_size, pad):
+            a, b = forward(adapted, x).float(), forward(merged_model, x).float()
+            worst = max(worst, float((a - b).abs().max()))
+            scale = max(scale, float(a.abs().max()))
+            n += 1
+            if n >= max_batches:
+                break
+        return Verification(max_abs_diff=worst, tolerance=tol * scale, batches=n)
+    return verify
 
 
 def stored_float_dtypes(path: str | os.PathLike) -> set[torch.dtype]:
@@ -322,34 +347,3 @@ def stored_float_dtypes(path: str | os.PathLike) -> set[torch.dtype]:
     else:
         dtypes = {t.dtype for t in read_state_dict(path).values()}
     return {d for d in dtypes if d.is_floating_point}
-
-
-@torch.no_grad()
-def verify_merge(inputs: VerifyInputs, merged: str | os.PathLike, *, max_batches: int = 4,
-                 batch_size: int = 8) -> Verification:
-    """Run a few batches through base+adapter and through the merged weights.
-
-    The tolerance is relative to the outputs' scale and looser for a merged checkpoint
-    stored in a lower precision than float32.
-    """
-    from .adapter import load_adapter
-    from .pipeline import batches, build_base
-
-    cfg, adapter, held, search = inputs.cfg, inputs.adapter, inputs.held, inputs.search
-    adapted, _, _ = build_base(cfg, held, search_path=search, weights=inputs.base)
-    load_adapter(adapted, adapter, check_base=False)
-    merged_model, _, _ = build_base(cfg, held, search_path=search, weights=str(merged))
-    adapted.eval()
-    merged_model.eval()
-    dtypes = stored_float_dtypes(merged)
-    tol = max(TOLERANCE.get(d, 1e-4) for d in dtypes) if dtypes else 1e-4
-    pad = held.tokenizer.pad_id if held.tokenizer is not None else None
-    worst, scale, n = 0.0, 1.0, 0
-    for x, _ in batches(held.eval, torch.arange(len(held.eval)), batch_size, pad):
-        a, b = forward(adapted, x).float(), forward(merged_model, x).float()
-        worst = max(worst, float((a - b).abs().max()))
-        scale = max(scale, float(a.abs().max()))
-        n += 1
-        if n >= max_batches:
-            break
-    return Verification(max_abs_diff=worst, tolerance=tol * scale, batches=n)

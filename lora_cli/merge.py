@@ -14,6 +14,7 @@ stream a large checkpoint through it without holding two copies of the model.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -28,7 +29,7 @@ from torch import nn
 from . import __version__
 from .adapter import Adapter, check_fingerprint
 from .errors import AdapterError, UserError
-from .files import fsync_dir, inside, remove, remove_stale_temps, temp_path, write_synced
+from .files import fsync_dir, inside, remove, remove_stale_temps, temp_path, write_error, write_synced
 from .inject import SPEC_ATTR, _set_submodule, lora_layers
 from .streaming import INDEX_NAME, SafetensorsReader, SafetensorsWriter, shard_files
 
@@ -126,8 +127,9 @@ class Merger:
     def __call__(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
         if key in self.replacements:   # a module_to_save / bias, or the base weight PEFT saved
             tensor = self.replacements[key].to(dtype=tensor.dtype, device=tensor.device)
-            if not bool(torch.isfinite(tensor).all()):
-                raise AdapterError(f"the adapter's '{key}' holds values that are non-finite in {tensor.dtype}",
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise AdapterError(f"the adapter's '{key}' (a trained bias or module) holds values that are "
+                                   f"non-finite in {tensor.dtype}",
                                    fix="the adapter has diverged weights (or they overflow the base's dtype); "
                                        "check its training loss")
         items = self.updates.get(key)
@@ -229,6 +231,9 @@ def merge_checkpoint(base: str | os.PathLike, adapters: Sequence[Adapter], out: 
         tensors = stored = lambda: state.items()   # noqa: E731
         readers = []
     else:
+        if kind == "directory" and (base / "config.json").exists():
+            from .models.hf import read_model_config
+            read_model_config(base)     # copied into the output: refuse a damaged one up front
         readers = [SafetensorsReader(f) for f in (shard_files(base) if kind == "directory" else [base])]
         shapes = {k: spec[0] for r in readers for k, spec in r.specs.items()}
         merger.check(shapes, where=str(base))
@@ -294,6 +299,13 @@ def merge_checkpoint(base: str | os.PathLike, adapters: Sequence[Adapter], out: 
             remove(out)
         os.replace(tmp, out)
         fsync_dir(out.parent)
+    except OSError as exc:
+        remove(tmp)
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)   # whichever file it names
+        if not full and exc.filename and not os.fspath(exc.filename).startswith(os.fspath(tmp)):   # a read
+            raise UserError(f"cannot read {exc.filename}: {exc.strerror or exc}", where=str(base),
+                            fix="check the file, then merge again") from None
+        raise write_error(exc, out, "the merged output") from None
     except BaseException:
         remove(tmp)
         raise
@@ -455,11 +467,13 @@ def _maybe_fault(point: str) -> None:
 def _update_model_config(directory: Path, adapters: Sequence[Adapter]) -> None:
     """A classifier adapter merged into a language-model directory makes a classifier:
     say so in config.json (architecture and labels), so transformers loads it as one."""
+    from .models.hf import read_model_config
+
     config_file = directory / "config.json"
     meta = next((a.meta for a in adapters if a.config.get("task_type") == "SEQ_CLS"), None)
     if meta is None or not config_file.exists():
         return
-    config = json.loads(config_file.read_text())
+    config = read_model_config(directory)
     config["architectures"] = [a.replace("ForCausalLM", "ForSequenceClassification")
                                for a in config.get("architectures") or []]
     label_map = meta.get("label_map")

@@ -24,8 +24,8 @@ from .adapter import Adapter, base_fingerprint
 from .config import _CLASS_PATH, Config, config_from_dict, config_to_dict
 from .errors import AdapterError, ConfigError, UserError
 from .inject import apply_lora, get_spec, lora_layers
-from .models import build_model, infer_args, load_base_weights, module_origin
-from .models.weights import first_non_finite
+from .models import build_model, check_built_in_fits, infer_args, load_base_weights, module_origin
+from .models.weights import first_non_finite, weight_shapes
 from .tokenizer import ByteTokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -161,6 +161,7 @@ def load_heldout(cfg: Config, path: str | None = None, *, label_map: dict | None
                 "no held-out data: neither data.eval nor data.val_split is set")
         raise UserError(what, fix="pass --data FILE with held-out examples in the training data's format")
     label_map = label_map or getattr(held, "label_map", None)
+    features = features or getattr(held, "features", None)     # an adapter without them: the file's columns
     return Datasets(None, held, tokenizer=tok, label_map=label_map, features=features)
 
 
@@ -203,7 +204,8 @@ def model_code(adapter: Adapter, choice: CodeChoice) -> ModelCode | None:
     current directory by default), never from a folder the adapter names. Without either,
     a UserError says what the adapter asks to import. Nothing is imported here.
     """
-    cfg = _saved_config(adapter) if "config" in adapter.meta else None   # None: written by PEFT, an HF model
+    saved = adapter.meta.get("config") is not None
+    cfg = _saved_config(adapter) if saved else None   # None: written by PEFT, for a Hugging Face model
     recorded = cfg.model.class_path if cfg is not None else None
     flags = choice.given
     if recorded is None:
@@ -289,13 +291,13 @@ def _saved_config(adapter: Adapter, *, base: str | os.PathLike | None = None, da
     if not isinstance(meta, dict):
         raise AdapterError("adapter_config.json's 'lora_cli' entry is not a JSON object", where=adapter.source,
                            fix="save the adapter again with lora-train")
-    if "config" in meta:
+    if meta.get("config") is not None:
         values = meta["config"]
-        if not isinstance(values, dict) or not isinstance(values.get("model"), dict):
+        if not isinstance(values, dict) or not isinstance(values.get("model", {}), dict):
             raise AdapterError("the adapter's saved config (lora_cli.config, with its model section) is not a "
                                "JSON object", where=adapter.source, fix="save the adapter again with lora-train")
-        values = {**values, "model": {**values["model"],
-                                      "args": meta.get("model_args", values["model"].get("args", {}))}}
+        model = values.get("model") or {}
+        values = {**values, "model": {**model, "args": meta.get("model_args", model.get("args", {}))}}
         return config_from_dict(values, source=f"{adapter.source} (saved config)", check_files=False)
     hf_base = str(base) if base else adapter.config.get("base_model_name_or_path")
     task = PEFT_TASKS.get(adapter.config.get("task_type"))
@@ -313,12 +315,26 @@ def _saved_config(adapter: Adapter, *, base: str | os.PathLike | None = None, da
     return config_from_dict(values, source=f"{adapter.source} (from its PEFT config)", check_files=False)
 
 
+def fingerprint_shapes(adapter: Adapter) -> dict[str, tuple[int, ...]] | None:
+    """Name -> shape of the base an adapter was trained on, from its fingerprint (None
+    when it has none)."""
+    recorded = (adapter.meta.get("fingerprint") or {}).get("tensors")
+    if not recorded:
+        return None
+    return {name: tuple(int(n) for n in record.split("|")[0].split("x") if n) for name, record in recorded.items()}
+
+
 def build_base(cfg: Config, data: Datasets, *, search_path: str | os.PathLike | None = None,
-               weights: str | os.PathLike | None = None) -> tuple[nn.Module, dict, list[str]]:
+               weights: str | os.PathLike | None = None, expect: dict[str, tuple[int, ...]] | None = None,
+               exact: bool = True) -> tuple[nn.Module, dict, list[str]]:
     """The base model with its weights loaded (or seeded random ones when base is null).
 
     ``weights`` loads another checkpoint of the same model instead of ``model.base``
-    (a merged one, say; for hf models, another model directory).
+    (a merged one, say; for hf models, another model directory). A built-in arch is
+    first built without memory (meta device) and checked against the weights' shapes,
+    or, without weights, against ``expect`` (name -> shape, e.g. from an adapter's
+    fingerprint; with ``exact=False`` only its size), so that sizes that do not fit are
+    refused before anything is allocated.
     """
     m, notes = cfg.model, []
     args = dict(m.args)
@@ -333,6 +349,10 @@ def build_base(cfg: Config, data: Datasets, *, search_path: str | os.PathLike | 
             args = infer_args(m.arch, args, vocab_size=data.tokenizer.vocab_size)
         else:
             args = infer_args(m.arch, args, n_features=len(data.features), n_outputs=data.num_classes or 1)
+        if weights or m.base or expect is not None:
+            source = weights or m.base
+            check_built_in_fits(m.arch, args, weight_shapes(source) if source else expect,
+                                str(source) if source else "the adapter's fingerprint", exact=exact or bool(source))
     model = build_model(arch=m.arch, class_path=m.class_path, args=args, search_path=search_path)
     if weights or m.base:
         load_base_weights(model, weights or m.base)

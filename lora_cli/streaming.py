@@ -7,6 +7,10 @@ from the base's header before any tensor is read, so the output header is writte
 first and the tensors follow in order:
 
     [u64 little-endian header size][JSON header, space-padded to 8 bytes][tensor bytes...]
+
+Every safetensors file lora-cli reads (bases, adapters, merged outputs) goes through
+:func:`read_header` first, which checks the header against the format's rules before
+anything trusts it; a model directory's shard index goes through :func:`read_index`.
 """
 
 from __future__ import annotations
@@ -28,11 +32,129 @@ DTYPE_CODES = {
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
     torch.bool: "BOOL",
 }
-for _name, _code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2")):
+for _name, _code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2"), ("float8_e8m0fnu", "F8_E8M0"),
+                     ("uint16", "U16"), ("uint32", "U32"), ("uint64", "U64")):
     if hasattr(torch, _name):
         DTYPE_CODES[getattr(torch, _name)] = _code
 CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
 INDEX_NAME = "model.safetensors.index.json"
+MAX_HEADER_BYTES = 100_000_000   # the safetensors library refuses larger headers too
+MAX_DIMS = 64
+
+
+def _unique_keys(pairs: list) -> dict:
+    """json object_pairs_hook: a key written twice is an error, not "the last one wins"."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"the key {_short(key)} appears twice")
+        out[key] = value
+    return out
+
+
+def _short(value, limit: int = 60) -> str:
+    """repr(value), cut to ``limit`` characters (headers are untrusted: a name may be huge)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict[str, tuple[tuple[int, ...], torch.dtype, int, int]],
+                                                    dict[str, str], int]:
+    """The validated header of a safetensors file: ``(tensors, metadata, data_start)``,
+    with ``tensors`` mapping each name to (shape, dtype, start, end), byte offsets
+    relative to ``data_start``, in file order.
+
+    The file's own rules, all checked (a ModelError names the first one broken): an
+    8-byte length, then that many bytes of UTF-8 JSON (at most 100 MB) holding an object;
+    ``__metadata__``, if present, maps strings to strings; every other entry is an object
+    with a known ``dtype``, a ``shape`` of non-negative integers and two integer
+    ``data_offsets`` spanning exactly shape x itemsize bytes; the tensors tile the data
+    that follows the header, from its first byte to the end of the file, without gaps
+    or overlaps; no name appears twice.
+    """
+    path = Path(path)
+    try:
+        if not path.is_file():     # a FIFO or a device would block or never end
+            raise ValueError("not a regular file" if path.exists() else "file not found")
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise ValueError(f"the file is {size} bytes, shorter than a safetensors header")
+            (length,) = struct.unpack("<Q", head)
+            if length > MAX_HEADER_BYTES:
+                raise ValueError(f"the header claims {length:,} bytes, more than the {MAX_HEADER_BYTES:,} allowed")
+            if length > size - 8:
+                raise ValueError(f"header length {length} runs past the end of the file ({size} bytes)")
+            raw = fh.read(length)
+    except OSError as exc:
+        raise _corrupt(path, exc.strerror or str(exc)) from None
+    except ValueError as exc:
+        raise _corrupt(path, str(exc)) from None
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except UnicodeDecodeError:
+        raise _corrupt(path, "the header is not UTF-8 text") from None
+    except RecursionError:
+        raise _corrupt(path, "the header is nested too deeply") from None
+    except ValueError as exc:    # JSONDecodeError, a duplicate key, an integer of thousands of digits
+        raise _corrupt(path, f"the header is not valid JSON ({exc})") from None
+    tensors, metadata = _check_header(header, size - 8 - length, path)
+    return tensors, metadata, 8 + length
+
+
+def _check_header(header, data_size: int, path: Path) -> tuple[dict, dict[str, str]]:
+    if not isinstance(header, dict):
+        raise _corrupt(path, f"the header is a JSON {type(header).__name__}, not an object")
+    metadata = header.get("__metadata__")
+    if metadata is None:
+        metadata = {}
+    elif not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise _corrupt(path, "__metadata__ must map strings to strings")
+    entries = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        where = f"tensor {_short(name)}"
+        if not isinstance(info, dict):
+            raise _corrupt(path, f"{where}: the entry is {_short(info)}, not an object")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in CODE_DTYPES:
+            raise _corrupt(path, f"{where}: unknown dtype {_short(dtype)} (known: {', '.join(CODE_DTYPES)})")
+        if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_is_int(s) and s >= 0 for s in shape):
+            raise _corrupt(path, f"{where}: the shape must be a list of at most {MAX_DIMS} integers >= 0, "
+                                 f"got {_short(shape)}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            raise _corrupt(path, f"{where}: data_offsets must be two integers 0 <= start <= end, "
+                                 f"got {_short(offsets)}")
+        start, end = offsets
+        if end > data_size:
+            raise _corrupt(path, f"{where} ends at byte {end} of the data, which has {data_size} (truncated?)")
+        if _numel(shape) * _itemsize(CODE_DTYPES[dtype]) != end - start:
+            raise _corrupt(path, f"{where}: shape {shape} of {dtype} does not take the {end - start} bytes "
+                                 "its offsets give")
+        entries.append((start, end, name, tuple(shape), CODE_DTYPES[dtype]))
+    entries.sort(key=lambda e: (e[0], e[1]))
+    position = 0
+    for start, end, name, _, _ in entries:
+        if start != position:
+            what = "overlaps the tensor before it" if start < position else f"leaves a gap at byte {position}"
+            raise _corrupt(path, f"tensor {_short(name)} {what} (data_offsets must tile the data)")
+        position = end
+    if position != data_size:
+        raise _corrupt(path, f"the tensors cover {position} bytes of data but the file holds {data_size} "
+                             "(truncated, or bytes appended)")
+    return {name: (shape, dtype, start, end) for start, end, name, shape, dtype in entries}, dict(metadata)
+
+
+def _corrupt(path: Path, detail: str) -> ModelError:
+    return ModelError(f"cannot read safetensors file: {detail}", where=str(path),
+                      fix="the file is truncated or corrupt; copy or export it again")
 
 
 class SafetensorsReader:
@@ -46,34 +168,9 @@ class SafetensorsReader:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        try:
-            size = self.path.stat().st_size
-            with open(self.path, "rb") as fh:
-                head = fh.read(8)
-                if len(head) < 8:
-                    raise ValueError("file is shorter than a safetensors header")
-                (length,) = struct.unpack("<Q", head)
-                if length > size - 8:
-                    raise ValueError(f"header length {length} runs past the end of the file ({size} bytes)")
-                header = json.loads(fh.read(length))
-        except (OSError, ValueError, UnicodeDecodeError) as exc:
-            raise ModelError(f"cannot read safetensors file: {exc}", where=str(self.path),
-                             fix="the file is truncated or corrupt; copy or export it again") from None
-        self.metadata = header.pop("__metadata__", None) or {}
-        self._data_start = 8 + length
-        self.specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
-        self._offsets: dict[str, tuple[int, int]] = {}
-        try:
-            for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-                shape, dtype = tuple(int(s) for s in info["shape"]), CODE_DTYPES[info["dtype"]]
-                start, end = (int(o) for o in info["data_offsets"])
-                if end - start != _numel(shape) * _itemsize(dtype) or self._data_start + end > size:
-                    raise ValueError(f"tensor {key!r} does not fit the file (truncated?)")
-                self.specs[key] = (shape, dtype)
-                self._offsets[key] = (start, end)
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise ModelError(f"cannot read safetensors file: invalid header ({exc})", where=str(self.path),
-                             fix="the file is truncated or corrupt; copy or export it again") from None
+        tensors, self.metadata, self._data_start = read_header(self.path)
+        self.specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {k: (s, d) for k, (s, d, _, _) in tensors.items()}
+        self._offsets: dict[str, tuple[int, int]] = {k: (a, b) for k, (_, _, a, b) in tensors.items()}
         self.keys = list(self.specs)
 
     def get(self, key: str) -> torch.Tensor:
@@ -200,7 +297,7 @@ def _numel(shape) -> int:
 
 
 def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    return dtype.itemsize
 
 
 def index_files(directory: str | os.PathLike, name: str = INDEX_NAME) -> list[Path]:
@@ -209,14 +306,8 @@ def index_files(directory: str | os.PathLike, name: str = INDEX_NAME) -> list[Pa
     an absolute path, a symlink pointing out), and must exist."""
     directory = Path(directory)
     index = directory / name
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-        names = set(weight_map.values())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
-        raise ModelError(f"invalid shard index: {type(exc).__name__}: {exc}", where=str(index),
-                         fix="the index must be a JSON object whose weight_map maps tensor names to shard "
-                             "file names") from None
-    for f in sorted(names, key=str):
+    names = set(read_index(index)["weight_map"].values())       # types checked there
+    for f in sorted(names):
         if not isinstance(f, str) or not f or Path(f).name != f or f in (".", ".."):
             raise ModelError(f"the index names the shard {f!r}, which is not a file name in this folder",
                              where=str(index), fix="shard entries are plain file names beside the index")
@@ -247,3 +338,34 @@ def shard_files(directory: str | os.PathLike) -> list[Path]:
     raise ModelError("no model.safetensors (or shard index) in this directory" if not files else
                      f"{len(files)} safetensors files but no {INDEX_NAME}", where=str(directory),
                      fix="point to a .safetensors/.pt file, or a model directory saved with save_pretrained")
+
+
+def read_index(path: str | os.PathLike) -> dict:
+    """A model directory's shard index (model.safetensors.index.json), validated: a JSON
+    object whose ``weight_map`` is a non-empty object mapping tensor names to shard file
+    names, and whose ``metadata``, if present, is an object."""
+    path = Path(path)
+    fix = "the index is corrupt; save the model again with save_pretrained"
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise ModelError(f"cannot read the shard index: {exc.strerror or exc}", where=str(path), fix=fix) from None
+    except UnicodeDecodeError:
+        raise ModelError("invalid shard index: not UTF-8 text", where=str(path), fix=fix) from None
+    except RecursionError:
+        raise ModelError("invalid shard index: nested too deeply", where=str(path), fix=fix) from None
+    except ValueError as exc:
+        raise ModelError(f"invalid shard index: not valid JSON ({exc})", where=str(path), fix=fix) from None
+    if not isinstance(data, dict):
+        raise ModelError(f"invalid shard index: a JSON {type(data).__name__}, not an object", where=str(path), fix=fix)
+    weight_map = data.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ModelError(f"invalid shard index: weight_map must be a non-empty object, got {_short(weight_map)}",
+                         where=str(path), fix=fix)
+    bad = [f for f in weight_map.values() if not isinstance(f, str) or not f]
+    if bad:
+        raise ModelError(f"invalid shard index: weight_map values must be shard file names, got {_short(bad[0])}",
+                         where=str(path), fix=fix)
+    if not isinstance(data.get("metadata", {}), dict):
+        raise ModelError("invalid shard index: metadata must be an object", where=str(path), fix=fix)
+    return data

@@ -37,9 +37,9 @@ from . import distributed as dist
 from .adapter import WEIGHTS_NAME, adapter_config, adapter_keys, load_adapter_weights, write_adapter
 from .config import Config, config_to_dict, dump_config
 from .distributed import SINGLE, World
-from .errors import UserError
+from .errors import OutputError, UserError
 from .evaluate import evaluate, forward, ignore_rows, loss_fn, loss_items
-from .files import LOCK_NAME, remove, remove_stale_temps, run_lock, write_atomic
+from .files import LOCK_NAME, remove, remove_stale_temps, run_lock, write_atomic, write_error
 from .fused import shared_dropout
 from .inject import AdaptSummary, summarize
 from .pipeline import Built, adapter_metadata, autocast_for, batches, build, cpu_threads, peft_fields, resolve_device
@@ -402,11 +402,14 @@ def train(cfg: Config, *, reporter: Reporter | None = None, overwrite: bool = Fa
         inputs, changed = world.on_main(lambda: _check_inputs(p.cfg, start, allow_changed_data))
         notes = [*notes, *changed]
         restored = world.on_main(lambda: ckpt.read_checkpoint(start[0])) if start else None
+        created = None     # the folder this run made (None: output_dir existed, or a resume)
         if restored is None:
             read = [f for f in (config_file, p.cfg.data.train, p.cfg.data.eval, p.cfg.model.base, p.cfg.model.hf) if f]
-            notes = [*notes, *world.on_main(lambda: _start_output_dir(out, p.cfg, overwrite, read))]
+            started, created = world.on_main(lambda: _start_output_dir(out, p.cfg, overwrite, read))
+            notes = [*notes, *started]
         else:
-            world.on_all(lambda: load_adapter_weights(p.built.model, restored.adapter))
+            world.on_all(lambda: (ckpt.check_position(restored, p.steps_per_epoch, p.built.model),
+                                  load_adapter_weights(p.built.model, restored.adapter)))
         run = _Run(p, out, reporter, inputs)
         if restored is not None:
             notes = [f"resuming from {restored.path} (step {restored.loop.step})", *notes, *run.restore(restored)]
@@ -415,6 +418,15 @@ def train(cfg: Config, *, reporter: Reporter | None = None, overwrite: bool = Fa
             with _stop_on_signals() as received:      # a signal while saving waits for the save
                 seconds = run.loop_over_data(received)
                 adapter_dir, adapter_bytes = run.save_adapter()
+        except (OutputError, SaveError) as exc:   # a full disk: a new run with nothing to resume leaves nothing
+            run.close()
+            if isinstance(exc, SaveError) and exc.kept is not None:
+                raise
+            if world.is_main and ckpt.checkpoints(out):
+                exc.fix += "; then continue from the last checkpoint with --resume"
+            elif restored is None and world.is_main:
+                _discard_output_dir(out, created)
+            raise
         finally:
             run.close()
     if not world.distributed:
@@ -461,9 +473,11 @@ class _Run:
     def restore(self, restored: ckpt.Restored) -> list[str]:
         """Continue from a checkpoint (its adapter is already in the model); notes."""
         notes = []
-        self.optimizer.load_state_dict(dist.shard_optimizer_state(self.optimizer, restored.state["optimizer"]))
-        self.schedule.load_state_dict(restored.state["schedule"])
-        self.scaler.load_state_dict(restored.state["scaler"])
+        optimizer, schedule, scaler = ckpt.states_for(restored, self.optimizer, self.schedule, self.scaler)
+        self.optimizer.load_state_dict(dist.shard_optimizer_state(self.optimizer, optimizer))
+        self.schedule.load_state_dict(schedule)
+        if scaler is not None:
+            self.scaler.load_state_dict(scaler)
         self.loop = restored.loop
         if len(restored.rng) == self.world.size:
             ckpt.set_rng_state(restored.rng[self.world.rank])
@@ -480,7 +494,10 @@ class _Run:
         signal arrived on any worker (after checkpointing), TrainingError on a non-finite loss."""
         p, t, loop, data = self.p, self.t, self.loop, self.data
         if self.world.is_main:
-            self.log = open(self.out / "metrics.jsonl", "a")    # noqa: SIM115 (closed by close())
+            try:
+                self.log = open(self.out / "metrics.jsonl", "a")    # noqa: SIM115 (closed by close())
+            except OSError as exc:
+                raise write_error(exc, self.out / "metrics.jsonl", "metrics.jsonl") from None
         started = time.perf_counter()
         self.engine.train()
         self.reporter.start(p)
@@ -604,8 +621,11 @@ class _Run:
 
     def write_row(self, row: dict) -> None:
         if self.log is not None:
-            self.log.write(json.dumps(row) + "\n")
-            self.log.flush()
+            try:
+                self.log.write(json.dumps(row) + "\n")
+                self.log.flush()
+            except OSError as exc:
+                raise write_error(exc, self.out / "metrics.jsonl", "metrics.jsonl") from None
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
         """The adapter's tensors whole, under their file keys (every worker takes part)."""
@@ -638,7 +658,8 @@ class _Run:
             try:
                 adapter_dir = write_adapter(self.out / "adapter", self.adapter_config, tensors)
             except Exception as exc:
-                raise self.keep_unsaved(exc, tensors, state) from exc
+                cause = write_error(exc, self.out / "adapter", "the adapter") if isinstance(exc, OSError) else exc
+                raise self.keep_unsaved(cause, tensors, state) from exc
             remove(self.out / ckpt.UNSAVED)        # written by an earlier try, now superseded
             return adapter_dir, (adapter_dir / WEIGHTS_NAME).stat().st_size
 
@@ -666,7 +687,11 @@ class _Run:
 
     def close(self) -> None:
         if self.log is not None:
-            self.log.close()
+            try:
+                self.log.close()
+            except OSError:     # its last write failed already, and said so
+                pass
+            self.log = None
 
 
 def _own_output_dir(held: contextlib.ExitStack, out: Path) -> None:
@@ -690,10 +715,31 @@ def _check_inputs(cfg: Config, start: tuple[ckpt.Checkpoint, dict] | None,
     return inputs, notes
 
 
-def _start_output_dir(out: Path, cfg: Config, overwrite: bool, inputs: list[str]) -> list[str]:
-    notes = prepare_output_dir(out, overwrite, inputs=inputs)
-    write_atomic(out / "config.yaml", lambda f: f.write(dump_config(cfg).encode()))
-    return notes
+def _start_output_dir(out: Path, cfg: Config, overwrite: bool, inputs: list[str]) -> tuple[list[str], Path | None]:
+    """Prepare output_dir and write config.yaml there; returns notes, and the top-most
+    folder this created (None when output_dir existed). A failure leaves no folder behind."""
+    created = next((p for p in reversed([out, *out.parents]) if not p.exists()), None)
+    try:
+        notes = prepare_output_dir(out, overwrite, inputs=inputs)
+        write_atomic(out / "config.yaml", lambda f: f.write(dump_config(cfg).encode()))
+    except OSError as exc:
+        _discard_output_dir(out, created)
+        raise write_error(exc, out / "config.yaml", "config.yaml") from None
+    except BaseException:
+        if created is not None:
+            remove(created)
+        raise
+    return notes, created
+
+
+def _discard_output_dir(out: Path, created: Path | None) -> None:
+    """Undo a run that could not be written: remove the folder it created, or else what
+    it wrote into an existing output_dir."""
+    if created is not None:
+        remove(created)
+    else:
+        for name in OWNED:
+            remove(out / name)
 
 
 def _size_on_disk(path: str) -> int:

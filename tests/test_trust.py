@@ -241,8 +241,9 @@ def test_a_shard_index_entry_that_leaves_the_folder_is_refused(model_dir: Path, 
     for entry in ["../base.safetensors", str(trained / "base.safetensors"), "sub/model.safetensors", 7]:
         index = {"metadata": {}, "weight_map": {k: "model.safetensors" for k in keys[1:]} | {keys[0]: entry}}
         (model_dir / "model.safetensors.index.json").write_text(json.dumps(index))
-        assert_user_error(invoke("merge", "model", "run/adapter"), "model.safetensors.index.json",
-                          f"the index names the shard {entry!r}")
+        said = f"the index names the shard {entry!r}" if isinstance(entry, str) else \
+            f"weight_map values must be shard file names, got {entry!r}"      # not even a name
+        assert_user_error(invoke("merge", "model", "run/adapter"), "model.safetensors.index.json", said)
 
 
 def test_a_shard_that_is_a_symlink_out_of_the_folder_is_refused(model_dir: Path, trained: Path):

@@ -24,10 +24,10 @@ from torch import nn
 
 from ..errors import ModelError, closest
 from .builtin import ARCHS, MLP, GPT, LinearModel
-from .weights import load_base_weights, read_state_dict, save_state_dict
+from .weights import check_fits, load_base_weights, read_state_dict, save_state_dict
 
 __all__ = [
-    "ARCHS", "GPT", "MLP", "LinearModel", "build_model", "infer_args", "module_origin",
+    "ARCHS", "GPT", "MLP", "LinearModel", "build_model", "check_built_in_fits", "infer_args", "module_origin",
     "load_base_weights", "read_state_dict", "save_state_dict",
 ]
 
@@ -256,3 +256,44 @@ def infer_args(arch: str, args: Mapping, *, n_features: int | None = None, n_out
                 fix=f"set data.max_seq_len <= {model_len}, or raise model.args.max_seq_len",
             )
     return out
+
+
+def check_built_in_fits(arch: str, args: Mapping, shapes: Mapping[str, tuple[int, ...]], where: str, *,
+                        exact: bool = True) -> None:
+    """Refuse, before any memory is allocated, a built-in ``arch`` whose ``args`` do not
+    give a model with exactly these tensor ``shapes`` (name -> shape, the base's); with
+    ``exact=False``, only one much larger than they are.
+
+    The model is built on the meta device, with at most a few modules per tensor, and may
+    hold at most twice as many numbers as the base plus 64 M (buffers outside the state
+    dict, like rotary tables, count too): sizes from an untrusted file (an adapter's
+    model_args) could otherwise ask for terabytes, or a million layers.
+    """
+    import math
+
+    import torch
+    from torch.nn.modules.module import register_module_module_registration_hook
+
+    limit, count = 16 * len(shapes) + 64, 0
+    fix = "use the model_args the base was trained with (an adapter's own are in its adapter_config.json)"
+
+    def count_modules(module, name, submodule):
+        nonlocal count
+        count += 1
+        if count > limit:
+            raise ModelError(f"these arguments build a model of more than {limit:,} modules, for the {len(shapes):,} "
+                             f"tensors of {where}", where="model.args", fix=fix)
+
+    handle = register_module_module_registration_hook(count_modules)
+    try:
+        with torch.device("meta"):
+            probe = build_model(arch=arch, args=args)
+    finally:
+        handle.remove()
+    if exact:
+        check_fits(probe, shapes, where)
+    weights = sum(math.prod(shape) for shape in shapes.values())
+    held = sum(t.numel() for t in probe.parameters()) + sum(b.numel() for b in probe.buffers())
+    if held > 2 * weights + 2**26:     # rotary tables of a long context are fine; gigabytes are not
+        raise ModelError(f"these arguments build a model that holds {held:,} numbers, for the {weights:,} of {where}",
+                         where="model.args", fix=fix)

@@ -50,22 +50,17 @@ def _check_dir(path: str | os.PathLike, transformers=None) -> Path:
     if not (path / "config.json").exists():
         raise ModelError("no config.json in this directory", where=str(path),
                          fix="point model.hf at a directory saved with save_pretrained")
+    config = read_model_config(path)
     for name in INDEX_NAMES:
         if (path / name).exists():
             index_files(path, name)
     if transformers is not None:
-        _check_no_custom_code(path, transformers)
+        _check_no_custom_code(config, path, transformers)
     return path
 
 
-def _check_no_custom_code(path: Path, transformers) -> None:
+def _check_no_custom_code(config: dict, path: Path, transformers) -> None:
     """Refuse a folder whose model only its own Python code could build (lora-cli never runs it)."""
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return   # transformers reports an unreadable config itself
-    if not isinstance(config, dict):
-        return
     model_type = config.get("model_type")
     known = transformers.models.auto.configuration_auto.CONFIG_MAPPING_NAMES
     if isinstance(model_type, str) and model_type in known:
@@ -87,6 +82,37 @@ def _custom_code_error(exc: Exception, path: Path) -> ModelError | None:
     return ModelError("this model folder needs its own Python code to load, and lora-cli never runs code from a "
                       "model folder", where=str(path),
                       fix="use a model whose architecture transformers has built in")
+
+
+MAX_MODEL_CONFIG_BYTES = 16 * 1024 * 1024
+
+
+def read_model_config(directory: str | os.PathLike) -> dict:
+    """A model directory's config.json, validated: a UTF-8 JSON object (at most 16 MB)
+    whose ``architectures``, if present, is a list of class names. The rest is
+    transformers' to check when it builds the model."""
+
+    path = Path(directory) / "config.json"
+    fix = "the model directory is damaged; save the model again with save_pretrained"
+    try:
+        if not path.is_file():
+            raise ModelError("config.json is not a file", where=str(path), fix=fix)
+        if path.stat().st_size > MAX_MODEL_CONFIG_BYTES:
+            raise ModelError(f"config.json is {path.stat().st_size / 2**20:.0f} MB, more than a model config can be",
+                             where=str(path), fix=fix)
+        config = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise ModelError(f"cannot read config.json: {exc.strerror or exc}", where=str(path)) from None
+    except RecursionError:
+        raise ModelError("config.json is not valid JSON: nested too deeply", where=str(path), fix=fix) from None
+    except ValueError as exc:    # JSONDecodeError, UnicodeDecodeError, an integer of thousands of digits
+        raise ModelError(f"config.json is not valid JSON ({exc})", where=str(path), fix=fix) from None
+    if not isinstance(config, dict):
+        raise ModelError(f"config.json holds a JSON {type(config).__name__}, not an object", where=str(path), fix=fix)
+    arch = config.get("architectures")
+    if arch is not None and not (isinstance(arch, list) and all(isinstance(a, str) for a in arch)):
+        raise ModelError("config.json: architectures must be a list of class names", where=str(path), fix=fix)
+    return config
 
 
 class HFTokenizer:
@@ -169,7 +195,7 @@ def load_tokenizer(path: str | os.PathLike) -> HFTokenizer:
     path = _check_dir(path, transformers)
     try:
         tok = transformers.AutoTokenizer.from_pretrained(str(path), **NO_REMOTE_CODE)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:   # a damaged directory fails in many ways inside transformers
         raise _custom_code_error(exc, path) or ModelError(
             f"cannot load the tokenizer: {exc}", where=str(path),
             fix="the directory needs the tokenizer files saved with the model") from None
@@ -198,14 +224,16 @@ def load_model(path: str | os.PathLike, *, task: str, label_map: dict[str, int] 
         else:
             raise ModelError(f"task {task!r} is not available for Hugging Face models", where="task",
                              fix="use task: causal_lm or classification with model.hf")
+    except ModelError:
+        raise
     except pickle.UnpicklingError:
         raise ModelError("a weights file in this folder is a pickle that would run code when loaded; lora-cli "
                          "never unpickles arbitrary objects", where=str(path),
                          fix="ONLY if you trust the folder, load it with transformers and save it again with "
                              "save_pretrained() (safetensors)") from None
-    except (OSError, ValueError) as exc:
+    except Exception as exc:   # a damaged directory fails in many ways inside transformers
         raise _custom_code_error(exc, path) or ModelError(
-            f"cannot load the model: {exc}", where=str(path),
+            f"cannot load the model: {type(exc).__name__}: {str(exc)[:300]}", where=str(path),
             fix="check that the directory holds a complete save_pretrained model") from None
     check_finite(model.state_dict().items(), where=str(path))
     return model

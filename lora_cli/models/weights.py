@@ -1,9 +1,10 @@
 """Weight files: read them without running code, load them strictly, write them atomically.
 
-Reading never unpickles arbitrary objects: ``.safetensors`` files hold only tensors, and
-``.pt``/``.pth``/``.bin`` files go through ``torch.load(..., weights_only=True)``, which
-refuses any pickle that would import or call something. Either way the result must be a
-flat mapping of ``str -> Tensor``.
+Reading never unpickles arbitrary objects: ``.safetensors`` files hold only tensors (their
+header checked by :func:`lora_cli.streaming.read_header` first), and ``.pt``/``.pth``/``.bin``
+files go through ``torch.load(..., weights_only=True)``, which refuses any pickle that
+would import or call something. Either way the result must be a flat mapping of
+``str -> Tensor`` (plain dense tensors).
 
 Loading a base into a model checks every key, shape and value (no NaN or inf) first and
 only then copies, so an error never leaves a half-loaded model. LoRA tensors (``lora_A``, ``lora_B``,
@@ -27,8 +28,9 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from ..errors import ModelError
-from ..files import write_atomic
+from ..files import write_atomic, write_error
 from ..layers import LoraLayer
+from ..streaming import read_header
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin")
@@ -64,6 +66,9 @@ def _check_flat_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
             where=str(path),
             fix="save model.state_dict() (not the model or a list), preferably with safetensors.torch.save_file",
         )
+    if not obj:
+        raise ModelError("the file holds an empty state dict (no tensors)", where=str(path),
+                         fix="save model.state_dict() of the trained model")
     for key, value in obj.items():
         if not isinstance(key, str):
             raise ModelError(
@@ -80,7 +85,22 @@ def _check_flat_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
                 "save a flat mapping of parameter names to tensors, e.g. model.state_dict()"
             )
             raise ModelError(f"key {key!r} holds {_describe(value)}, not a tensor", where=str(path), fix=fix)
+        if value.layout is not torch.strided or value.is_quantized or value.device.type != "cpu":
+            raise ModelError(f"key {key!r} holds a {str(value.layout).removeprefix('torch.')}"
+                             f"{' quantized' if value.is_quantized else ''} tensor on {value.device.type}, "
+                             "not a plain dense one", where=str(path),
+                             fix="save plain dense tensors (tensor.to_dense(), dequantize())")
     return dict(obj)
+
+
+def is_pickle(path: Path) -> bool:
+    """Whether a file starts as torch.save's zip archive or a pickle (protocol 2 or later) does."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(2)
+    except OSError:
+        return False
+    return head == b"PK" or head[:1] == b"\x80"
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -97,6 +117,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                          fix="check the path (relative paths are relative to the current directory)")
     suffix = path.suffix.lower()
     if suffix in SAFETENSORS_SUFFIXES:
+        read_header(path)   # checked by lora-cli's own rules first: a ModelError naming what is wrong
         try:
             return load_safetensors(str(path), device="cpu")
         except (SafetensorError, OSError, ValueError) as e:
@@ -112,6 +133,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                 obj = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
             found = re.search(r"GLOBAL ([\w.]+)", str(e))
+            if found is None and not is_pickle(path):   # bytes that are no pickle at all
+                raise ModelError("not a readable PyTorch file; it is probably truncated or corrupt", where=str(path),
+                                 fix="save or download the file again (torch.save(model.state_dict(), path))") from e
             refs = f" (it references {found.group(1)})" if found else ""
             whole_model = found is not None and found.group(1).startswith("torch.nn.modules")
             raise ModelError(
@@ -121,9 +145,11 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                 fix="ONLY if you trust this file, convert it to safetensors and point the config at the "
                     f"new file:\n    {_convert_snippet(path)}",
             ) from e
-        except (RuntimeError, EOFError, OSError, ValueError) as e:
+        except Exception as e:   # an untrusted file: whatever torch.load fails with, the file is at fault
+            detail = (str(e).strip().splitlines() or ["the file ended early" if isinstance(e, EOFError)
+                                                      else "no detail"])[0][:200]
             raise ModelError(
-                f"not a readable PyTorch file ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                f"not a readable PyTorch file ({type(e).__name__}: {detail}); "
                 "it is probably truncated or corrupt",
                 where=str(path),
                 fix="save or download the file again (torch.save(model.state_dict(), path))",
@@ -185,17 +211,28 @@ def load_base_weights(model: nn.Module, path: str | os.PathLike) -> None:
     path = Path(path)
     sd = read_state_dict(path)
     check_finite(sd.items(), where=str(path))
-    own = model.state_dict(keep_vars=True)
     lora = _lora_keys(model)
-    expected = {k: v for k, v in own.items() if k not in lora}
-    # Tied tensors: a missing key is fine when the same tensor loads under another name.
+    expected = {k: v for k, v in model.state_dict(keep_vars=True).items() if k not in lora}
+    check_fits(model, {k: tuple(v.shape) for k, v in sd.items()}, str(path))
     present_ids = {id(expected[k]) for k in sd if k in expected}
-    missing = [k for k in expected if k not in sd and id(expected[k]) not in present_ids]
-    unexpected = [k for k in sd if k not in expected]
-    mis_shaped = [
-        f"{k}: file {tuple(sd[k].shape)}, model {tuple(expected[k].shape)}"
-        for k in sd if k in expected and sd[k].shape != expected[k].shape
-    ]
+    result = model.load_state_dict(sd, strict=False)
+    # Internal invariant: everything left out was checked above.
+    assert not result.unexpected_keys, result.unexpected_keys
+    assert all(k in lora or id(expected[k]) in present_ids for k in result.missing_keys), result.missing_keys
+
+
+def check_fits(model: nn.Module, shapes: Mapping[str, tuple[int, ...]], where: str) -> None:
+    """A ModelError unless a base with these tensor ``shapes`` (name -> shape) loads into
+    ``model`` as :func:`load_base_weights` requires. ``model`` may live on the meta
+    device: this needs only its shapes."""
+    lora = _lora_keys(model)
+    expected = {k: v for k, v in model.state_dict(keep_vars=True).items() if k not in lora}
+    # Tied tensors: a missing key is fine when the same tensor loads under another name.
+    present_ids = {id(expected[k]) for k in shapes if k in expected}
+    missing = [k for k in expected if k not in shapes and id(expected[k]) not in present_ids]
+    unexpected = [k for k in shapes if k not in expected]
+    mis_shaped = [f"{k}: file {tuple(shapes[k])}, model {tuple(expected[k].shape)}"
+                  for k in shapes if k in expected and tuple(shapes[k]) != tuple(expected[k].shape)]
     if missing or unexpected or mis_shaped:
         parts = []
         if missing:
@@ -206,14 +243,29 @@ def load_base_weights(model: nn.Module, path: str | os.PathLike) -> None:
             parts.append(_listing("shapes that differ", mis_shaped))
         raise ModelError(
             "the base weights do not fit the model:\n" + "\n".join(parts),
-            where=str(path),
+            where=where,
             fix="use the checkpoint this model was trained from, or make model.arch/model.args "
                 "(sizes such as d_model, n_layer, in_features) match the checkpoint",
         )
-    result = model.load_state_dict(sd, strict=False)
-    # Internal invariant: everything left out was checked above.
-    assert not result.unexpected_keys, result.unexpected_keys
-    assert all(k in lora or id(expected[k]) in present_ids for k in result.missing_keys), result.missing_keys
+
+
+def weight_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of the tensors in a weights file, read cheaply: a safetensors
+    header, or a .pt file memory-mapped (read whole only in the legacy format)."""
+    path = Path(path)
+    if path.suffix.lower() in SAFETENSORS_SUFFIXES and path.is_file():
+        return {k: shape for k, (shape, _, _, _) in read_header(path)[0].items()}
+    if path.suffix.lower() in PICKLE_SUFFIXES and path.is_file():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            return {k: tuple(v.shape) for k, v in _check_flat_state_dict(obj, path).items()}
+        except ModelError:
+            raise
+        except Exception:       # the legacy format cannot be mapped; read_state_dict says what is wrong
+            pass
+    return {k: tuple(v.shape) for k, v in read_state_dict(path).items()}
 
 
 def _for_saving(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -245,9 +297,12 @@ def save_state_dict(sd: Mapping[str, torch.Tensor], path: str | os.PathLike, *,
         raise ModelError(f"unknown weights file type {path.suffix or '(no extension)'!r}", where=str(path),
                          fix="name the file *.safetensors (preferred) or *.pt")
     tensors = _for_saving(sd)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if suffix in SAFETENSORS_SUFFIXES:
-        data = safetensors_bytes(tensors, metadata=dict(metadata) if metadata else None)
-        write_atomic(path, lambda f: f.write(data))
-    else:
-        write_atomic(path, lambda f: torch.save(tensors, f))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if suffix in SAFETENSORS_SUFFIXES:
+            data = safetensors_bytes(tensors, metadata=dict(metadata) if metadata else None)
+            write_atomic(path, lambda f: f.write(data))
+        else:
+            write_atomic(path, lambda f: torch.save(tensors, f))
+    except OSError as exc:
+        raise write_error(exc, path, "the weights") from None
