@@ -508,6 +508,8 @@ def _check_fingerprint(v):
         return None
     if not isinstance(v, dict) or not isinstance(v.get("digest", ""), str):
         return f"must be an object with a 'digest' string and 'tensors', got {_show(v)}"
+    if v.get("scheme", 1) not in (1, SCHEME) or isinstance(v.get("scheme"), bool):
+        return f"scheme: must be 1 or {SCHEME} (how the values were sampled), got {_show(v.get('scheme'))}"
     problem = _entries(lambda x: isinstance(x, str) and _RECORD.fullmatch(x) is not None,
                        "'shape|dtype|hash' (e.g. '8x3|float32|...')")(v.get("tensors"))
     return problem and f"tensors{'' if problem.startswith('[') else ': '}{problem}"

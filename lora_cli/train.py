@@ -423,7 +423,8 @@ def train(cfg: Config, *, reporter: Reporter | None = None, overwrite: bool = Fa
             if isinstance(exc, SaveError) and exc.kept is not None:
                 raise
             if world.is_main and ckpt.checkpoints(out):
-                exc.fix += "; then continue from the last checkpoint with --resume"
+                if not isinstance(exc, SaveError):          # a SaveError says how to go on already
+                    exc.fix += "; then continue from the last checkpoint with --resume"
             elif restored is None and world.is_main:
                 _discard_output_dir(out, created)
             raise
@@ -668,18 +669,20 @@ class _Run:
     def keep_unsaved(self, exc: Exception, tensors: dict[str, torch.Tensor], state: dict) -> SaveError:
         """Keep the trained state after writing the adapter failed with ``exc``; the error to raise."""
         cause = exc.what if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
-        where = str(self.out / "adapter")
+        where, kept_path = str(self.out / "adapter"), self.out / ckpt.UNSAVED
         try:
             kept = ckpt.save_unsaved(self.out, step=self.loop.step, epoch=self.loop.epoch,
                                      adapter_config=self.adapter_config, adapter_tensors=tensors, state=state,
                                      config=self.saved_config, workers=self.world.size)
         except Exception as again:
             last = ckpt.checkpoints(self.out)
+            why = write_error(again, kept_path, "it").what.removeprefix("cannot write it: ") \
+                if isinstance(again, OSError) else f"{type(again).__name__}: {again}"
             return SaveError(
                 f"training finished, but the adapter could not be written ({cause}), nor a copy of its "
-                f"tensors ({type(again).__name__}: {again})", where=where, kept=None,
+                f"tensors ({why})", where=where, kept=None,
                 fix="fix the cause, then " + (f"run the same command with --resume to go on from {last[-1].path}"
-                                              if last else "train again"))
+                                              if last else "train again") + "; nothing half-written was left behind")
         return SaveError(f"training finished, but the adapter could not be written ({cause}); the trained "
                          f"tensors and the training state are kept in {kept}", where=where, kept=kept,
                          fix="fix the cause, then run the same command with --resume: it writes the adapter "

@@ -578,3 +578,13 @@ def test_a_tied_weight_saved_once_in_another_dtype_is_not_missing(tmp_path):
     save({"embed.weight": table + 1}, tmp_path / "other.safetensors")
     problems = fingerprint_mismatches(recorded, SafetensorsReader(tmp_path / "other.safetensors").stored())
     assert any("head.weight: missing" in p for p in problems) and any("embed.weight: values" in p for p in problems)
+
+
+@pytest.mark.parametrize("scheme", ["2", 3, 1.5, True, None, [2]])
+def test_a_fingerprint_of_an_unknown_scheme_is_refused(saved, scheme):
+    model, directory = saved
+    config = json.loads((directory / CONFIG_NAME).read_text())
+    config["lora_cli"]["fingerprint"]["scheme"] = scheme
+    (directory / CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(AdapterError, match="scheme: must be 1 or 2"):
+        load_adapter(tiny_lm(0), directory)
