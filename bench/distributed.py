@@ -5,12 +5,12 @@
     python bench/distributed.py --markdown /tmp/dist.md --out /tmp/dist.json
 
 Part 1, gradient bytes (measured): two fresh gloo workers wrap a model the way
-lora-cli does (``lora_cli.distributed.wrap``, DistributedDataParallel) once with only
+lora-cli does (``lora_cli.run.distributed.wrap``, DistributedDataParallel) once with only
 the LoRA factors trainable and once as full fine-tuning (the same base model without
 LoRA, every parameter trainable). A DDP comm hook adds up the bytes of every bucket
 buffer it is handed, then does DDP's own allreduce (``default_hooks.allreduce_hook``).
 Reported: bytes per optimizer step per worker, next to the analytic figure
-(``lora_cli.distributed.gradient_bytes``: trainable numel x element size). A third
+(``lora_cli.run.distributed.gradient_bytes``: trainable numel x element size). A third
 variant wraps the LoRA model with fsdp and counts FSDP2's all-gathers and
 reduce-scatters (it has no comm hook).
 
@@ -129,9 +129,9 @@ def comm_worker(spec: dict) -> None:
     import torch.nn.functional as F
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-    from lora_cli import distributed as dist
-    from lora_cli import pipeline
-    from lora_cli.config import load_config
+    from lora_cli.run import distributed as dist
+    from lora_cli.run import build as pipeline
+    from lora_cli.run.config import load_config
 
     torch.set_num_threads(1)
     device = torch.device("cpu")
@@ -159,7 +159,7 @@ def comm_worker(spec: dict) -> None:
         else:
             engine = dist.wrap(model, world, device)
             if type(engine).__name__ != "DistributedDataParallel":
-                raise SystemExit(f"lora_cli.distributed.wrap returned {type(engine).__name__}, not DDP")
+                raise SystemExit(f"lora_cli.run.distributed.wrap returned {type(engine).__name__}, not DDP")
 
             def count(state: dict, bucket):
                 buf = bucket.buffer()
@@ -354,8 +354,8 @@ def step_tokens(args):
     epoch order lora-cli uses (every worker count sees the same G examples at step s).
     Real = no padding: the CLI's own tokens_per_s counts padded positions."""
     from lora_cli import data as datalib
-    from lora_cli.config import load_config
-    from lora_cli.pipeline import load_data
+    from lora_cli.run.config import load_config
+    from lora_cli.run.build import load_data
 
     cfg = load_config(ROOT / args.config, ["data.eval=null"])
     train = load_data(cfg).train
@@ -471,7 +471,7 @@ def report(result: dict, markdown: bool) -> str:
     if result["comm"]:
         h, rows = comm_table(result["comm"])
         parts.append(f"\nBytes handed to collectives per optimizer step and worker, 2 gloo workers, the model "
-                     f"wrapped by lora_cli.distributed.wrap (ddp: a comm hook on every bucket; fsdp: FSDP2's "
+                     f"wrapped by lora_cli.run.distributed.wrap (ddp: a comm hook on every bucket; fsdp: FSDP2's "
                      f"all-gathers and reduce-scatters counted); {st['comm_steps']} steps, every step and rank "
                      f"counted, batch 4 x 64 tokens\n\n"
                      + render(h, rows, markdown))
@@ -551,7 +551,7 @@ def main(argv=None) -> int:
         # called without an active exception", 1 run in ~6), which would lose a measurement.
         sys.stdout.flush()
         os._exit(0)
-    from lora_cli.launch import worker_threads
+    from lora_cli.run.launch import worker_threads
     result = {"machine": machine(os.cpu_count()),
               "settings": {"quick": args.quick, "parts": args.parts, "config": args.config, "batch": args.batch,
                            "steps": args.steps, "log_every": args.log_every, "skip_windows": args.skip_windows,

@@ -93,7 +93,7 @@ def build_b(cfg: dict):
 def lora_pairs(model: nn.Module, variant: str) -> list[tuple[str, nn.Parameter, nn.Parameter]]:
     """(path, A (r, in), B (out, r)) for every adapted module, in module order."""
     if variant == "ours":
-        from lora_cli.inject import lora_layers
+        from lora_cli.lora.inject import lora_layers
         return [(p, m.lora_A, m.lora_B) for p, m in lora_layers(model).items()]
     from peft.tuners.lora import LoraLayer
     return [(p.removeprefix("base_model.model."), m.lora_A["default"].weight, m.lora_B["default"].weight)

@@ -46,7 +46,7 @@ if str(ROOT) not in sys.path:  # runnable from a checkout without `pip install -
     sys.path.insert(0, str(ROOT))
 
 from lora_cli.models import LinearModel, build_model, save_state_dict  # noqa: E402
-from lora_cli.tokenizer import ByteTokenizer  # noqa: E402
+from lora_cli.models.tokenizers import ByteTokenizer  # noqa: E402
 
 SEED = 0
 

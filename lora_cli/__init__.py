@@ -18,13 +18,13 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "apply_lora": "inject",
-    "summarize": "inject",
-    "save_adapter": "adapter",
-    "load_adapter": "adapter",
-    "read_adapter": "adapter",
-    "merge_adapter": "merge",
-    "merge_state_dict": "merge",
+    "apply_lora": "lora.inject",
+    "summarize": "lora.inject",
+    "save_adapter": "lora.adapter",
+    "load_adapter": "lora.adapter",
+    "read_adapter": "lora.adapter",
+    "merge_adapter": "lora.merge",
+    "merge_state_dict": "lora.merge",
     "UserError": "errors",
 }
 

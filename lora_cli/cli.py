@@ -143,8 +143,8 @@ def train_command(
         raise UserError("missing CONFIG, the run's YAML config", where="lora-train",
                         fix="lora-train CONFIG [KEY=VALUE ...]; lora-train --list-configs lists the example "
                             "configs, lora-train --init NAME copies one")
-    from . import distributed as dist
-    from .config import load_config
+    from .run import distributed as dist
+    from .run.config import load_config
     from .console import show_plan
 
     if resume and overwrite:
@@ -160,7 +160,7 @@ def train_command(
         raise UserError("--nproc-per-node starts workers, but this process already is one (torchrun "
                         "started it)", where="--nproc-per-node", fix="leave --nproc-per-node out under torchrun")
     if dry_run:             # under torchrun, rank 0 shows the plan of the whole run
-        from .train import plan
+        from .run.train import plan
         if dist.launched():
             if os.environ["RANK"] != "0":
                 return
@@ -193,9 +193,9 @@ def _examples_command(dest: Optional[Path], extra: Optional[List[str]], list_con
 def _launch_workers(cfg, config: Path, overrides, workers: int, *, overwrite: bool, resume: bool,
                     allow_changed_data: bool = False) -> None:
     """Start ``workers`` copies of this command on this machine; exit as the run ended."""
-    from .checkpoint import checkpoints
+    from .run.checkpoint import checkpoints
     from .console import show_error
-    from .launch import launch
+    from .run.launch import launch
 
     flags = [("--overwrite", overwrite), ("--resume", resume), ("--allow-changed-data", allow_changed_data)]
     args = [str(config), *(overrides or []), *(flag for flag, on in flags if on)]
@@ -208,8 +208,8 @@ def _launch_workers(cfg, config: Path, overrides, workers: int, *, overwrite: bo
 
 def _train_here(cfg, config: Path, overrides, *, world=None, **kwargs) -> None:
     from .console import ProgressReporter, show_interrupted, show_train_result
-    from .distributed import SINGLE
-    from .train import Interrupted, SaveError, train
+    from .run.distributed import SINGLE
+    from .run.train import Interrupted, SaveError, train
 
     world = world or SINGLE
     try:
@@ -230,9 +230,9 @@ def _train_here(cfg, config: Path, overrides, *, world=None, **kwargs) -> None:
 def _train_worker(cfg, config: Path, overrides, **kwargs) -> None:
     """One worker of a torchrun (or --nproc-per-node) run. Rank 0 reports; a worker that
     stops because another failed says so in one line and exits with PEER_FAILED."""
-    from . import distributed as dist
+    from .run import distributed as dist
     from .console import err, show_error
-    from .pipeline import resolve_device
+    from .run.build import resolve_device
 
     world = dist.join(cfg.train.strategy, resolve_device(cfg.device))
     if not world.is_main:
@@ -325,12 +325,12 @@ def merge_command(
     version: bool = _version_option(),
 ) -> None:
     """Fold LoRA adapters into base weights: W' = W + weight * (alpha/r) * B @ A."""
-    from .adapter import read_adapter
+    from .lora.adapter import read_adapter
     from .console import show_merge, show_model_code, show_verification
-    from .evaluate import prepare_verification
-    from .merge import merge_checkpoint
-    from .pipeline import CodeChoice
-    from .pipeline import model_code as allowed_code
+    from .run.evaluate import prepare_verification
+    from .lora.merge import merge_checkpoint
+    from .run.build import CodeChoice
+    from .run.build import model_code as allowed_code
 
     factors = _parse_weights(adapters, weights)
     if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
@@ -407,8 +407,8 @@ def eval_command(
 ) -> None:
     """Measure the base model and base+adapter side by side on held-out data."""
     from .console import show_comparison, show_json, show_model_code
-    from .evaluate import compare, model_code_for
-    from .pipeline import CodeChoice
+    from .run.evaluate import compare, model_code_for
+    from .run.build import CodeChoice
 
     choice = CodeChoice(model_code=model_code, model_path=model_path, trust_adapter_code=trust_adapter_code)
     code = model_code_for(source, choice)

@@ -11,21 +11,10 @@ from __future__ import annotations
 
 from difflib import SequenceMatcher
 
+from .lora.errors import AdapterError, ModelError, OutputError, TargetError, UserError
 
-class UserError(Exception):
-    """A problem the user can fix: what is wrong, where, and how to fix it."""
-
-    def __init__(self, what: str, *, where: str | None = None, fix: str | None = None):
-        super().__init__(what)
-        self.what = what
-        self.where = where
-        self.fix = fix
-
-    def __str__(self) -> str:
-        text = f"{self.where}: {self.what}" if self.where else self.what
-        if self.fix:
-            text += f"\n  fix: {self.fix}"
-        return text
+__all__ = ["UserError", "ConfigError", "DataError", "ModelError", "TargetError", "AdapterError", "OutputError",
+           "closest"]
 
 
 class ConfigError(UserError):
@@ -45,18 +34,6 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """A data file that cannot be used: missing, empty, malformed row, wrong column."""
-
-
-class ModelError(UserError):
-    """A model or base checkpoint that cannot be built or loaded."""
-
-
-class TargetError(UserError):
-    """LoRA target patterns that match nothing, or match something LoRA cannot adapt."""
-
-
-class AdapterError(UserError):
-    """An adapter directory or file that is missing, malformed, or made for another base."""
 
 
 def closest(word: str, options) -> str | None:
@@ -98,6 +75,3 @@ def _edits(a: str, b: str) -> int:
     return prev[-1]
 
 
-class OutputError(UserError):
-    """An output that cannot be written: the disk is full, the folder read-only or not
-    ours. What was half-written is removed before this is raised."""

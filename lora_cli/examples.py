@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from .errors import UserError, closest
-from .files import remove, write_atomic
+from .lora.files import remove, write_atomic
 
 # Config keys that name files, and the top-level output folder.
 FILE_KEYS = (("model", "base"), ("model", "hf"), ("data", "train"), ("data", "eval"))

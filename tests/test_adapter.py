@@ -1,4 +1,4 @@
-"""Tests for lora_cli.adapter: PEFT key layout, adapter_config.json, fingerprint, strict loading.
+"""Tests for lora_cli.lora.adapter: PEFT key layout, adapter_config.json, fingerprint, strict loading.
 
 Invariants: save then load into a fresh base reproduces outputs bit for bit; the saved
 key set is exactly the LoRA keys (plus the biases and modules_to_save asked for) and no
@@ -22,11 +22,11 @@ from torch import nn
 
 from conftest import (DIM, N_LAYER, TinyLMWithInputEmbeddings, ids, perturb_lora, tiny_gpt2, tiny_lm)
 from lora_cli import __version__, apply_lora, load_adapter, read_adapter, save_adapter
-from lora_cli.adapter import (CONFIG_NAME, PREFIX, SAMPLES, WEIGHTS_NAME, Adapter, adapter_tensors, fingerprint,
+from lora_cli.lora.adapter import (CONFIG_NAME, PREFIX, SAMPLES, WEIGHTS_NAME, Adapter, adapter_tensors, fingerprint,
                               fingerprint_mismatches, sample_elements, sample_positions)
 from lora_cli.errors import AdapterError, TargetError
-from lora_cli.inject import get_spec, lora_layers
-from lora_cli.merge import merge_adapter
+from lora_cli.lora.inject import get_spec, lora_layers
+from lora_cli.lora.merge import merge_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests/fixtures/lora-cli-0.1.0"
@@ -342,7 +342,7 @@ def _sparse_safetensors(path, key, shape, dtype_code, fill=None):
 
 
 def test_a_stored_tensor_over_2_31_elements_is_fingerprinted_from_a_bounded_read(tmp_path, monkeypatch):
-    import lora_cli.streaming as streaming
+    import lora_cli.lora.safetensors_io as streaming
     numel = 2**31 + 5
     last = numel - 1
     _sparse_safetensors(tmp_path / "big.safetensors", "w", (numel,), "U8", fill={last: b"\x07"})
@@ -361,7 +361,7 @@ def test_a_bfloat16_base_on_disk_matches_its_float32_load(tmp_path):
     """lora-train loads a bfloat16 model directory in float32; lora-merge reads the
     bfloat16 file: both must give the same fingerprint, also past 2**24 elements."""
     from safetensors.torch import save_file as save
-    from lora_cli.streaming import SafetensorsReader
+    from lora_cli.lora.safetensors_io import SafetensorsReader
     big = torch.randn(4097, 4097, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)   # > 2**24
     small = torch.randn(3, 5).to(torch.bfloat16)
     save({"big": big, "small": small}, tmp_path / "b.safetensors")
@@ -374,7 +374,7 @@ def test_a_bfloat16_base_on_disk_matches_its_float32_load(tmp_path):
 
 def test_an_adapter_written_by_lora_cli_0_1_still_verifies_its_base():
     """Old fingerprints (scheme 1: float32 linspace positions, raw bytes) keep working."""
-    from lora_cli.streaming import SafetensorsReader
+    from lora_cli.lora.safetensors_io import SafetensorsReader
     adapter = read_adapter(FIXTURES / "adapter")
     recorded = adapter.meta["fingerprint"]
     assert "scheme" not in recorded
@@ -570,7 +570,7 @@ def test_a_tied_weight_saved_once_in_another_dtype_is_not_missing(tmp_path):
     """Hugging Face saves a tied head once (under the embedding's name), often in bfloat16,
     while lora-train loaded both names in float32."""
     from safetensors.torch import save_file as save
-    from lora_cli.streaming import SafetensorsReader
+    from lora_cli.lora.safetensors_io import SafetensorsReader
     table = torch.randn(40, 8).to(torch.bfloat16)
     recorded = fingerprint([("embed.weight", table.float()), ("head.weight", table.float())])
     save({"embed.weight": table}, tmp_path / "m.safetensors")

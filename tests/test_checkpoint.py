@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import write_lm_run
-from lora_cli.checkpoint import trim_metrics
+from lora_cli.run.checkpoint import trim_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -148,8 +148,8 @@ def test_resume_without_checkpoint_and_nan_handling(project: Path):
 
 def test_an_optimizer_step_that_overflows_is_a_user_error(project: Path, monkeypatch):
     """Adam's first step divides lr by 1 - beta1 = 0.1: lr 1e38 overflows float32 there."""
-    from lora_cli.config import load_config
-    from lora_cli.train import TrainingError, train
+    from lora_cli.run.config import load_config
+    from lora_cli.run.train import TrainingError, train
 
     monkeypatch.chdir(project)
     with pytest.raises(TrainingError, match="overflowed at step 1") as info:

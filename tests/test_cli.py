@@ -215,7 +215,7 @@ def test_a_rank_beyond_the_layer_is_noted(regression_run: Path):
 # --- what is logged is what happened ---------------------------------------------------
 
 def test_the_logged_lr_is_the_one_each_step_used(regression_run: Path):
-    from lora_cli.train import lr_factor
+    from lora_cli.run.train import lr_factor
     result = invoke("train", "config.yaml", "train.max_steps=6", "train.warmup_steps=3", "train.log_every=1",
                     "train.scheduler=linear")
     assert result.exit_code == 0, result.output
@@ -230,8 +230,8 @@ def test_sizes_are_binary_units_named_as_such():
 
 
 def test_the_summary_separates_training_from_evaluation(regression_run: Path):
-    from lora_cli.config import load_config
-    from lora_cli.train import train
+    from lora_cli.run.config import load_config
+    from lora_cli.run.train import train
     result = train(load_config("config.yaml", ["train.max_steps=8", "train.eval_every=2"]))
     assert result.eval_seconds > 0 and result.checkpoint_seconds == 0
     assert result.train_seconds == pytest.approx(result.seconds - result.eval_seconds)
@@ -249,7 +249,7 @@ def test_the_dry_run_does_not_round_epochs_up(regression_run: Path):
 @pytest.mark.parametrize("setting, env, expected", [("train.num_threads=1", None, 1), (None, "1", 1), (None, None, None)])
 def test_threads_follow_the_config_then_omp_then_the_cores_this_process_may_use(regression_run, monkeypatch,
                                                                                 setting, env, expected):
-    from lora_cli.pipeline import available_cores
+    from lora_cli.run.build import available_cores
     if env is None:
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     else:

@@ -1,4 +1,4 @@
-"""Tests for lora_cli.config: schema defaults, overrides, validation messages, YAML loading."""
+"""Tests for lora_cli.run.config: schema defaults, overrides, validation messages, YAML loading."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lora_cli.config import (
+from lora_cli.run.config import (
     REQUIRED, Config, LoraSection, TrainSection, apply_overrides, config_from_dict,
     config_to_dict, describe_schema, diff_fields, dump_config, load_config,
 )
@@ -72,7 +72,7 @@ def test_defaults_round_trip_through_dict_yaml_and_file(workdir):
 
 
 def test_config_module_does_not_import_torch():
-    code = "import sys, lora_cli.config; assert 'torch' not in sys.modules"
+    code = "import sys, lora_cli.run.config; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -14,7 +14,7 @@ from lora_cli.data import (
     num_batches, split, tabular_batch, text_batch,
 )
 from lora_cli.errors import DataError
-from lora_cli.tokenizer import ByteTokenizer
+from lora_cli.models.tokenizers import ByteTokenizer
 
 TOK = ByteTokenizer()
 

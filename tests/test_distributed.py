@@ -19,13 +19,13 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from conftest import write_lm_run
-from lora_cli import distributed as dist
-from lora_cli.checkpoint import checkpoints
-from lora_cli.config import config_from_dict, config_to_dict
+from lora_cli.run import distributed as dist
+from lora_cli.run.checkpoint import checkpoints
+from lora_cli.run.config import config_from_dict, config_to_dict
 from lora_cli.errors import UserError
-from lora_cli.evaluate import _Tally
-from lora_cli.launch import Failure, explain
-from lora_cli.train import resume_config, train
+from lora_cli.run.evaluate import _Tally
+from lora_cli.run.launch import Failure, explain
+from lora_cli.run.train import resume_config, train
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = "adapter_model.safetensors"
@@ -62,7 +62,7 @@ def test_a_step_on_w_workers_counts_what_one_process_with_the_global_batch_reads
 
 
 def test_ignored_rows_count_for_nothing_in_the_loss():
-    from lora_cli.evaluate import ignore_rows, loss_fn, loss_items
+    from lora_cli.run.evaluate import ignore_rows, loss_fn, loss_items
 
     torch.manual_seed(0)
     keep = torch.tensor([True, False, True])
@@ -189,7 +189,7 @@ def project(tmp_path_factory) -> Path:
     root = write_lm_run(tmp_path_factory.mktemp("dist"), pairs, eval_every_nth=3, seed=5, n_layer=2, seq=16,
                         dropout=0.0, train={"max_steps": 7, "batch_size": 4, "grad_accum": 2, "lr": 0.02,
                                             "log_every": 1, "eval_every": 4, "save_every": 2, "keep_last": None})
-    from lora_cli.config import load_config
+    from lora_cli.run.config import load_config
     here = Path.cwd()
     os.chdir(root)
     try:

@@ -37,10 +37,10 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from lora_cli.cli import app
-from lora_cli.config import config_from_dict
+from lora_cli.run.config import config_from_dict
 from lora_cli.errors import UserError
 from lora_cli.models import build_model
-from lora_cli.train import TrainingError, plan, train
+from lora_cli.run.train import TrainingError, plan, train
 
 runner = CliRunner()
 

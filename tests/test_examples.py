@@ -19,7 +19,7 @@ import yaml
 from typer.testing import CliRunner
 
 from lora_cli.cli import app
-from lora_cli.config import load_config
+from lora_cli.run.config import load_config
 from lora_cli.errors import UserError
 from lora_cli.examples import init_example, list_examples
 

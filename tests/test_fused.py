@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from lora_cli.fused import keep_mask, shared_dropout
-from lora_cli.layers import wrap
+from lora_cli.lora.kernel import keep_mask, shared_dropout
+from lora_cli.lora.layers import wrap
 
 
 @pytest.mark.parametrize("p", [0.01, 0.05, 0.1, 0.3, 0.5])

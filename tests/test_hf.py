@@ -194,8 +194,8 @@ def test_instruction_and_chat_records_mask_the_prompt(hub: Path):
     dry = invoke("train", config, "--dry-run")
     assert dry.exit_code == 0, dry.output
     assert "### Instruction:" in dry.output and "⟦0<eos>⟧" in dry.output
-    from lora_cli.config import load_config
-    from lora_cli.pipeline import load_data
+    from lora_cli.run.config import load_config
+    from lora_cli.run.build import load_data
     data = load_data(load_config(config)).train
     chat_ids, chat_mask = data.examples[-1]
     tok = transformers.AutoTokenizer.from_pretrained(hub / "llama")
@@ -306,8 +306,8 @@ def test_training_and_evaluation_read_the_same_tokens_and_the_dry_run_shows_them
     path = hub / "pairs.jsonl"
     path.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in PAIRS * 4))
     config = write_config(hub, "bos", model={"hf": str(hub / "llama-bos")}, data={"train": str(path), "eval": str(path)})
-    from lora_cli.config import load_config
-    from lora_cli.pipeline import load_data, load_heldout
+    from lora_cli.run.config import load_config
+    from lora_cli.run.build import load_data, load_heldout
     cfg = load_config(config)
     assert load_data(cfg).train.examples == load_heldout(cfg).eval.examples
     dry = invoke("train", config, "--dry-run")
@@ -317,9 +317,9 @@ def test_training_and_evaluation_read_the_same_tokens_and_the_dry_run_shows_them
 
 
 def test_an_inexact_join_is_counted_and_noted(hub: Path, monkeypatch):
-    from lora_cli.config import load_config
+    from lora_cli.run.config import load_config
     from lora_cli.models.hf import HFTokenizer
-    from lora_cli.train import plan
+    from lora_cli.run.train import plan
     joined = HFTokenizer.encode_pair
     monkeypatch.setattr(HFTokenizer, "encode_pair", lambda self, p, c: (*joined(self, p, c)[:2], "3" not in p))
     config = write_config(hub, "inexact")

@@ -1,4 +1,4 @@
-"""Tests for lora_cli.inject: target matching, injection, freezing, the adaptation report.
+"""Tests for lora_cli.lora.inject: target matching, injection, freezing, the adaptation report.
 
 Invariants: a fresh adapter leaves the model's outputs bitwise unchanged; only LoRA
 factors (plus the biases and modules_to_save the user asked for) require grad; training
@@ -17,8 +17,8 @@ from conftest import (DIM, N_LAYER, VOCAB, TinyLM, headed, ids, perturb_lora,
                       state_copy, tiny_gpt2, tiny_lm)
 from lora_cli import apply_lora, summarize
 from lora_cli.errors import TargetError, UserError
-from lora_cli.inject import get_spec, lora_layers, output_head, resolve_targets
-from lora_cli.layers import LoraEmbedding, LoraLinear
+from lora_cli.lora.inject import get_spec, lora_layers, output_head, resolve_targets
+from lora_cli.lora.layers import LoraEmbedding, LoraLinear
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")

@@ -1,4 +1,4 @@
-"""Tests for lora_cli.layers: the LoRA math, fresh-adapter identity, merge and unmerge.
+"""Tests for lora_cli.lora.layers: the LoRA math, fresh-adapter identity, merge and unmerge.
 
 The reference everywhere is the textbook formula (float64 where exactness matters):
 
@@ -20,7 +20,7 @@ from torch import nn
 from torch.func import functional_call
 
 from conftest import Conv1D
-from lora_cli.layers import (LoraEmbedding, LoraLinear, is_adaptable, is_conv1d, is_linear,
+from lora_cli.lora.layers import (LoraEmbedding, LoraLinear, is_adaptable, is_conv1d, is_linear,
                              lora_scaling, wrap)
 
 needs_conv1d = pytest.mark.skipif(Conv1D is None, reason="transformers (Conv1D) is not installed")

@@ -1,4 +1,4 @@
-"""Tests for lora_cli.merge: folding adapters into a model or a state dict.
+"""Tests for lora_cli.lora.merge: folding adapters into a model or a state dict.
 
 Invariants: merged equals adapted; merging is float32 math cast once; what no adapter
 touches passes through as the same object; the input state dict is never modified; a
@@ -16,11 +16,11 @@ from torch import nn
 
 from conftest import Conv1D, DIM, N_LAYER, ids, perturb_lora, state_copy, tiny_gpt2, tiny_lm
 from lora_cli import apply_lora, load_adapter, merge_adapter, merge_state_dict, read_adapter, save_adapter
-from lora_cli.adapter import Adapter
+from lora_cli.lora.adapter import Adapter
 from lora_cli.errors import AdapterError, UserError
-from lora_cli.inject import get_spec, lora_layers
-from lora_cli.layers import LoraLayer
-from lora_cli.merge import Merger
+from lora_cli.lora.inject import get_spec, lora_layers
+from lora_cli.lora.layers import LoraLayer
+from lora_cli.lora.merge import Merger
 
 LM_TARGETS = ["embed_tokens", "q_proj", "v_proj", "down_proj"]
 

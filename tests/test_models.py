@@ -11,7 +11,7 @@ import yaml
 from torch import nn
 
 from lora_cli.errors import ModelError
-from lora_cli.layers import LoraLayer, wrap
+from lora_cli.lora.layers import LoraLayer, wrap
 from lora_cli.models import (
     ARCHS, GPT, MLP, LinearModel, build_model, infer_args, load_base_weights, read_state_dict,
     save_state_dict,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_cli.config import schema_markdown
+from lora_cli.run.config import schema_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -24,7 +24,7 @@ def test_config_reference_matches_the_schema():
     table = text[text.index(start) + len(start):text.index(end)]
     assert table == schema_markdown(), (
         "README config reference is out of date; regenerate it with\n"
-        "python -c 'from lora_cli.config import schema_markdown; print(schema_markdown())'")
+        "python -c 'from lora_cli.run.config import schema_markdown; print(schema_markdown())'")
 
 
 def test_readme_commands_name_real_files():
@@ -36,7 +36,7 @@ def test_readme_commands_name_real_files():
 
 
 def test_every_shipped_config_is_valid():
-    from lora_cli.config import load_config
+    from lora_cli.run.config import load_config
     configs = sorted((README.parent / "configs").glob("*.yaml"))
     assert len(configs) >= 4
     for path in configs:
@@ -155,9 +155,9 @@ def _agrees(stated: str, value: float, digits: int = 3) -> bool:
 def test_the_readme_figures_are_what_the_code_produces(tmp_path, monkeypatch):
     import torch
 
-    from lora_cli.config import load_config
+    from lora_cli.run.config import load_config
     from lora_cli.data import load_tabular
-    from lora_cli.train import train
+    from lora_cli.run.train import train
 
     monkeypatch.chdir(ROOT)                       # the configs' paths are read from the project root
     text = README.read_text()

@@ -18,12 +18,12 @@ import yaml
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from lora_cli import checkpoint as ckpt
-from lora_cli import train as trainlib
+from lora_cli.run import checkpoint as ckpt
+from lora_cli.run import train as trainlib
 from lora_cli.cli import app
 from lora_cli.errors import UserError
 from lora_cli.models import build_model, save_state_dict
-from lora_cli.train import prepare_output_dir
+from lora_cli.run.train import prepare_output_dir
 
 runner = CliRunner()
 

@@ -37,10 +37,10 @@ from safetensors.torch import load_file, save_file
 
 from test_errors import (  # noqa: F401  (proj and trained are fixtures)
     assert_user_error, csv_text, describe, invoke, proj, save_mlp_base, trained)
-from lora_cli.adapter import read_adapter
+from lora_cli.lora.adapter import read_adapter
 from lora_cli.errors import UserError
-from lora_cli.files import LOCK_NAME, remove_stale_temps, run_lock, temp_path
-from lora_cli.merge import MERGE_MARKER, merge_state_dict
+from lora_cli.lora.files import LOCK_NAME, remove_stale_temps, run_lock, temp_path
+from lora_cli.lora.merge import MERGE_MARKER, merge_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = "adapter_model.safetensors"
@@ -429,7 +429,7 @@ def test_resume_of_a_checkpoint_without_fingerprints_says_so(checkpointed: Path)
 
 
 def test_large_base_weights_are_sampled_and_data_is_hashed_whole(tmp_path: Path, monkeypatch):
-    from lora_cli import checkpoint as ckpt
+    from lora_cli.run import checkpoint as ckpt
 
     monkeypatch.setattr(ckpt, "WHOLE_LIMIT", 4096)
     monkeypatch.setattr(ckpt, "SAMPLE_BYTES", 256)

@@ -21,7 +21,7 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import ModelError
-from ..streaming import index_files
+from ..lora.safetensors_io import index_files
 from .weights import check_finite
 
 TASK_TYPES = {"causal_lm": "CAUSAL_LM", "classification": "SEQ_CLS"}

@@ -1,7 +1,7 @@
 """Weight files: read them without running code, load them strictly, write them atomically.
 
 Reading never unpickles arbitrary objects: ``.safetensors`` files hold only tensors (their
-header checked by :func:`lora_cli.streaming.read_header` first), and ``.pt``/``.pth``/``.bin``
+header checked by :func:`lora_cli.lora.safetensors_io.read_header` first), and ``.pt``/``.pth``/``.bin``
 files go through ``torch.load(..., weights_only=True)``, which refuses any pickle that
 would import or call something. Either way the result must be a flat mapping of
 ``str -> Tensor`` (plain dense tensors).
@@ -28,9 +28,9 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from ..errors import ModelError
-from ..files import write_atomic, write_error
-from ..layers import LoraLayer
-from ..streaming import read_header
+from ..lora.files import write_atomic, write_error
+from ..lora.layers import LoraLayer
+from ..lora.safetensors_io import read_header
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin")

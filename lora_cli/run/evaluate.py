@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import UserError
+from ..errors import UserError
 
 IGNORE = -100
 
@@ -188,10 +188,10 @@ def _source(source: str | os.PathLike, code=None, *, base: str | None = None, da
     """(config, adapter, folder to import a class_path model from) from an adapter path
     (its class_path allowed by ``code``), or from a training config and its output (the
     config's folder, as in training). ``base`` and ``data`` replace what the adapter
-    names (see :func:`lora_cli.pipeline.config_from_adapter`)."""
-    from .adapter import read_adapter
+    names (see :func:`lora_cli.run.build.config_from_adapter`)."""
+    from ..lora.adapter import read_adapter
     from .config import load_config
-    from .pipeline import config_from_adapter, with_base
+    from .build import config_from_adapter, with_base
 
     source = Path(source)
     if _is_config(source):
@@ -210,8 +210,8 @@ def model_code_for(source: str | os.PathLike, choice):
     """The model code evaluating ``source`` needs, as ``choice`` (a CodeChoice: the user's
     flags) allows it; None when it needs none. Nothing is imported. A training config
     brings its own model.class_path, imported from its folder as in training."""
-    from .adapter import read_adapter
-    from .pipeline import model_code
+    from ..lora.adapter import read_adapter
+    from .build import model_code
 
     source = Path(source)
     if _is_config(source):
@@ -234,8 +234,8 @@ def compare(source: str | os.PathLike, *, data: str | None = None, merged: str |
     allows; without it such an adapter is a UserError. ``base`` is the base's weights
     (or model directory) when they are no longer where the adapter says.
     """
-    from .adapter import load_adapter
-    from .pipeline import autocast_for, batches, build_base, fingerprint_shapes, load_heldout, resolve_device
+    from ..lora.adapter import load_adapter
+    from .build import autocast_for, batches, build_base, fingerprint_shapes, load_heldout, resolve_device
 
     cfg, adapter, search = _source(source, code, base=base, data=data)
     meta = adapter.meta
@@ -295,7 +295,7 @@ def prepare_verification(adapter_path: str | os.PathLike, base: str | os.PathLik
                          batch_size: int = 8) -> Callable[[str | os.PathLike], Verification]:
     """The first half of :func:`verify_merge`, done before anything is merged: read the
     adapter, rebuild its config for ``base`` (a class_path model only as ``code``, a
-    ModelCode from :func:`lora_cli.pipeline.model_code`, allows), load the inputs and
+    ModelCode from :func:`lora_cli.run.build.model_code`, allows), load the inputs and
     build base+adapter. The inputs are ``data``, else the data the adapter names (its
     eval file, else its training file: any inputs tell whether two models compute the
     same function). Returns the second half, which takes the merged checkpoint; a
@@ -304,8 +304,8 @@ def prepare_verification(adapter_path: str | os.PathLike, base: str | os.PathLik
     The tolerance is relative to the outputs' scale and looser for a merged checkpoint
     stored in a lower precision than float32.
     """
-    from .adapter import load_adapter, read_adapter
-    from .pipeline import batches, build_base, config_from_adapter, load_heldout
+    from ..lora.adapter import load_adapter, read_adapter
+    from .build import batches, build_base, config_from_adapter, load_heldout
 
     adapter = read_adapter(adapter_path)
     cfg = config_from_adapter(adapter, code, base=base, data=data)
@@ -337,8 +337,8 @@ def prepare_verification(adapter_path: str | os.PathLike, base: str | os.PathLik
 
 def stored_float_dtypes(path: str | os.PathLike) -> set[torch.dtype]:
     """The floating dtypes a weights file (or model directory) stores its tensors in."""
-    from .models import read_state_dict
-    from .streaming import SafetensorsReader, shard_files
+    from ..models import read_state_dict
+    from ..lora.safetensors_io import SafetensorsReader, shard_files
 
     path = Path(path)
     if path.is_dir() or path.suffix == ".safetensors":

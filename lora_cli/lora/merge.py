@@ -26,12 +26,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import __version__
+from .. import __version__
 from .adapter import Adapter, check_fingerprint
 from .errors import AdapterError, UserError
 from .files import fsync_dir, inside, remove, remove_stale_temps, temp_path, write_error, write_synced
 from .inject import SPEC_ATTR, _set_submodule, lora_layers
-from .streaming import INDEX_NAME, SafetensorsReader, SafetensorsWriter, shard_files
+from .safetensors_io import INDEX_NAME, SafetensorsReader, SafetensorsWriter, shard_files
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -198,7 +198,7 @@ def merge_checkpoint(base: str | os.PathLike, adapters: Sequence[Adapter], out: 
     output dtype cannot hold, is refused. safetensors bases are streamed: one base
     tensor in memory at a time.
     """
-    from .models.weights import check_finite, read_state_dict
+    from ..models.weights import check_finite, read_state_dict
 
     base = Path(base)
     if not base.exists():
@@ -232,7 +232,7 @@ def merge_checkpoint(base: str | os.PathLike, adapters: Sequence[Adapter], out: 
         readers = []
     else:
         if kind == "directory" and (base / "config.json").exists():
-            from .models.hf import read_model_config
+            from ..models.hf import read_model_config
             read_model_config(base)     # copied into the output: refuse a damaged one up front
         readers = [SafetensorsReader(f) for f in (shard_files(base) if kind == "directory" else [base])]
         shapes = {k: spec[0] for r in readers for k, spec in r.specs.items()}
@@ -408,7 +408,7 @@ def _not_replaceable(out: Path, out_format: str) -> str | None:
 def _other_files(base: Path, shards: set[str]) -> list[Path]:
     """The files of a model directory to copy beside the merged shards (config,
     tokenizer, ...); a symlink among them that leads out of the directory is refused."""
-    from .streaming import RESOLVE_LINKS
+    from .safetensors_io import RESOLVE_LINKS
     files = []
     for f in sorted(base.iterdir()):
         if f.name in shards or f.name == MERGE_MARKER:
@@ -423,14 +423,14 @@ def _other_files(base: Path, shards: set[str]) -> list[Path]:
 
 def _finite(reader: SafetensorsReader):
     """The reader's tensors, each refused if it holds NaN or inf."""
-    from .models.weights import check_finite
+    from ..models.weights import check_finite
     for key, t in reader:
         check_finite([(key, t)], where=str(reader.path))
         yield key, t
 
 
 def _check_safetensors_dtypes(state: Mapping[str, torch.Tensor], dtype: torch.dtype | None, out: Path) -> None:
-    from .streaming import DTYPE_CODES
+    from .safetensors_io import DTYPE_CODES
     for key, t in state.items():
         d = dtype if dtype is not None and t.is_floating_point() else t.dtype
         if d not in DTYPE_CODES:
@@ -467,7 +467,7 @@ def _maybe_fault(point: str) -> None:
 def _update_model_config(directory: Path, adapters: Sequence[Adapter]) -> None:
     """A classifier adapter merged into a language-model directory makes a classifier:
     say so in config.json (architecture and labels), so transformers loads it as one."""
-    from .models.hf import read_model_config
+    from ..models.hf import read_model_config
 
     config_file = directory / "config.json"
     meta = next((a.meta for a in adapters if a.config.get("task_type") == "SEQ_CLS"), None)

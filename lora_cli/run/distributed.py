@@ -8,7 +8,7 @@ behaves like one process whose batch is W times larger::
     rank r reads   = positions r, r+W, r+2W, ... of it, padded to a multiple of W so
                      that every rank runs ceil(n / W) examples (the padding counts zero)
     loss           = summed over the step's rows or target tokens on all ranks, divided
-                     by their global count (see lora_cli.train)
+                     by their global count (see lora_cli.run.train)
 
 so optimizer step s sees the same G examples as a single process with batch G, and its
 gradient is the mean over them. Two strategies:
@@ -37,7 +37,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from .errors import UserError
+from ..errors import UserError
 
 T = TypeVar("T")
 

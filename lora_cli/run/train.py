@@ -9,7 +9,7 @@
 so a step's gradient is that of the mean loss over all its items, however they are
 split into micro-batches and workers. The data order of epoch e is a permutation that
 depends only on (seed, e); with W workers each reads every W-th example of it (see
-:func:`lora_cli.distributed.epoch_share`), so a step sees batch_size x grad_accum x W
+:func:`lora_cli.run.distributed.epoch_share`), so a step sees batch_size x grad_accum x W
 examples either way. The loop reports through a :class:`Reporter` (the CLI draws the
 progress display) and writes ``metrics.jsonl``; it never prints. Only rank 0 writes files.
 """
@@ -32,17 +32,17 @@ from typing import Protocol
 import torch
 
 from . import checkpoint as ckpt
-from . import data as datalib
+from .. import data as datalib
 from . import distributed as dist
-from .adapter import WEIGHTS_NAME, adapter_config, adapter_keys, load_adapter_weights, write_adapter
+from ..lora.adapter import WEIGHTS_NAME, adapter_config, adapter_keys, load_adapter_weights, write_adapter
 from .config import Config, config_to_dict, dump_config
 from .distributed import SINGLE, World
-from .errors import OutputError, UserError
+from ..errors import OutputError, UserError
 from .evaluate import evaluate, forward, ignore_rows, loss_fn, loss_items
-from .files import LOCK_NAME, remove, remove_stale_temps, run_lock, write_atomic, write_error
-from .fused import shared_dropout
-from .inject import AdaptSummary, summarize
-from .pipeline import Built, adapter_metadata, autocast_for, batches, build, cpu_threads, peft_fields, resolve_device
+from ..lora.files import LOCK_NAME, remove, remove_stale_temps, run_lock, write_atomic, write_error
+from ..lora.kernel import shared_dropout
+from ..lora.inject import AdaptSummary, summarize
+from .build import Built, adapter_metadata, autocast_for, batches, build, cpu_threads, peft_fields, resolve_device
 
 OWNED = ("adapter", "config.yaml", "metrics.jsonl", ckpt.DIRNAME, ckpt.UNSAVED)   # what a run writes into output_dir
 LEFTOVERS = ("config.yaml", "metrics.jsonl")   # what a run leaves that ends before its first checkpoint
@@ -381,7 +381,7 @@ def train(cfg: Config, *, reporter: Reporter | None = None, overwrite: bool = Fa
     is refused when the data files or the base weights changed since the checkpoint,
     unless ``allow_changed_data``. Rank 0 holds output_dir's lock for the whole run, so a
     second run on the same folder stops with a UserError naming this one's PID.
-    ``world`` is this worker's place in a multi-worker run (see :mod:`lora_cli.distributed`);
+    ``world`` is this worker's place in a multi-worker run (see :mod:`lora_cli.run.distributed`);
     every worker calls ``train`` and gets the same result, rank 0 writes the files.
     ``config_file`` is the YAML file ``cfg`` was read from: like the data and the base,
     it is never overwritten.

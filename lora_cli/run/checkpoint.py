@@ -41,9 +41,9 @@ from pathlib import Path
 
 import torch
 
-from .adapter import Adapter, parse_adapter, read_adapter, write_adapter
-from .errors import UserError
-from .files import fsync_dir, remove, temp_path, write_atomic, write_error, write_synced
+from ..lora.adapter import Adapter, parse_adapter, read_adapter, write_adapter
+from ..errors import UserError
+from ..lora.files import fsync_dir, remove, temp_path, write_atomic, write_error, write_synced
 
 DIRNAME = "checkpoints"
 UNSAVED = "unsaved-adapter.pt"
@@ -260,7 +260,7 @@ def read_checkpoint(ckpt: Checkpoint) -> Restored:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        from .models.weights import is_pickle
+        from ..models.weights import is_pickle
 
         found = re.search(r"GLOBAL ([\w.]+)", str(exc))
         if found is None and not is_pickle(path):
@@ -455,7 +455,7 @@ def check_position(restored: Restored, steps_per_epoch: int, model: torch.nn.Mod
     """The checkpoint must be a point this run passes: ``step`` = ``epoch`` x
     steps_per_epoch + ``step_in_epoch``, with ``step_in_epoch`` < steps_per_epoch, and its
     adapter scaled as the run's LoRA layers are (the config's lora.alpha)."""
-    from .inject import lora_layers
+    from ..lora.inject import lora_layers
 
     loop, fix = restored.loop, "delete this checkpoint directory to resume from the one before it"
     if loop.step_in_epoch >= steps_per_epoch or loop.epoch * steps_per_epoch + loop.step_in_epoch != loop.step:

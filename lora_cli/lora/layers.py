@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fused import lora_linear
+from .kernel import lora_linear
 
 
 def lora_scaling(rank: int, alpha: float, use_rslora: bool = False) -> float:

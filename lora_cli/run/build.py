@@ -19,14 +19,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import data as datalib
-from .adapter import Adapter, base_fingerprint
+from .. import data as datalib
+from ..lora.adapter import Adapter, base_fingerprint
 from .config import _CLASS_PATH, Config, config_from_dict, config_to_dict
-from .errors import AdapterError, ConfigError, UserError
-from .inject import apply_lora, get_spec, lora_layers
-from .models import build_model, check_built_in_fits, infer_args, load_base_weights, module_origin
-from .models.weights import first_non_finite, weight_shapes
-from .tokenizer import ByteTokenizer
+from ..errors import AdapterError, ConfigError, UserError
+from ..lora.inject import apply_lora, get_spec, lora_layers
+from ..models import build_model, check_built_in_fits, infer_args, load_base_weights, module_origin
+from ..models.weights import first_non_finite, weight_shapes
+from ..models.tokenizers import ByteTokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -102,7 +102,7 @@ def autocast_for(device: torch.device, dtype: str):
 def make_tokenizer(cfg: Config):
     """The tokenizer of a text task: the model directory's for hf, else bytes."""
     if cfg.model.hf:
-        from .models import hf
+        from ..models import hf
         return hf.load_tokenizer(cfg.model.hf)
     return ByteTokenizer() if cfg.task == "causal_lm" else None
 
@@ -340,7 +340,7 @@ def build_base(cfg: Config, data: Datasets, *, search_path: str | os.PathLike | 
     args = dict(m.args)
     torch.manual_seed(cfg.seed)
     if m.hf:
-        from .models import hf
+        from ..models import hf
         model = hf.load_model(weights or m.hf, task=cfg.task, label_map=data.label_map,
                               pad_id=data.tokenizer.pad_id)
         return model, args, notes
@@ -363,7 +363,7 @@ def build_base(cfg: Config, data: Datasets, *, search_path: str | os.PathLike | 
 
 def _hf_modules_to_save(cfg: Config, model: nn.Module, notes: list[str]) -> list[str]:
     """A sequence classifier's new head must be trained and saved: add it if missing."""
-    from .models import hf
+    from ..models import hf
     saved = list(cfg.lora.modules_to_save)
     head = hf.classification_head(model)
     if cfg.task == "classification" and head and head not in saved:
@@ -389,7 +389,7 @@ def build(cfg: Config, *, search_path: str | os.PathLike | None = None) -> Built
                      f"{f', as in {len(wasted) - 1} more layers' if len(wasted) > 1 else ''}): "
                      "the extra rank adds parameters, not capacity")
     if cfg.model.hf:
-        from .models import hf
+        from ..models import hf
         for path in hf.tied_targets(model, get_spec(model).targets):
             notes.append(f"'{path}' shares its weight with another module (tied embeddings): the adapter "
                          "changes it in both places once merged")
@@ -467,5 +467,5 @@ def peft_fields(cfg: Config) -> dict:
     PEFT's AutoPeftModel find a Hugging Face base; custom models leave them empty."""
     if not cfg.model.hf:
         return {"base_model_name_or_path": None, "task_type": None}
-    from .models.hf import TASK_TYPES
+    from ..models.hf import TASK_TYPES
     return {"base_model_name_or_path": str(Path(cfg.model.hf).resolve()), "task_type": TASK_TYPES[cfg.task]}

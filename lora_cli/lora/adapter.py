@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import __version__
+from .. import __version__
 from .errors import AdapterError
 from .files import fsync_dir, remove, temp_path, write_error, write_synced
 from .inject import LoraSpec, get_spec, inject, lora_layers, lora_parameters, name_matches, trainable_biases
@@ -370,11 +370,11 @@ def read_adapter(path: str | os.PathLike) -> Adapter:
     comes from the file's header).
 
     Everything read is checked before it is used: the safetensors header by
-    :func:`lora_cli.streaming.read_header`, the config by :func:`validate_adapter_config`,
+    :func:`lora_cli.lora.safetensors_io.read_header`, the config by :func:`validate_adapter_config`,
     the tensors by :func:`parse_adapter`. A malformed adapter is an AdapterError.
     """
     from .errors import ModelError
-    from .streaming import SafetensorsReader
+    from .safetensors_io import SafetensorsReader
 
     path = Path(path)
     if path.is_dir():
@@ -584,7 +584,7 @@ def validate_adapter_config(config, where: str) -> dict:
 
     All problems are reported together in one AdapterError. Keys lora-cli does not read
     pass unchecked (PEFT adds fields); the training config is checked later, field by
-    field, by :func:`lora_cli.config.config_from_dict`.
+    field, by :func:`lora_cli.run.config.config_from_dict`.
     """
     if not isinstance(config, dict):
         raise AdapterError(f"adapter config is a JSON {type(config).__name__}, not an object", where=where, fix=_FIX)

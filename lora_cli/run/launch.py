@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .distributed import PEER_FAILED
-from .errors import UserError
+from ..errors import UserError
 
 INTERRUPTED = (128 + signal.SIGINT, 128 + signal.SIGTERM)
 
@@ -73,7 +73,7 @@ def explain(failures: list[Failure], nproc: int, resume: str | None = None) -> t
 
 def worker_threads(nproc: int) -> int:
     """CPU threads per worker: the cores this process may use, shared out, at least one."""
-    from .pipeline import available_cores
+    from .build import available_cores
     return max(1, available_cores() // nproc)
 
 
