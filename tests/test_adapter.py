@@ -22,8 +22,8 @@ from torch import nn
 
 from conftest import (DIM, N_LAYER, TinyLMWithInputEmbeddings, ids, perturb_lora, tiny_gpt2, tiny_lm)
 from lora_cli import __version__, apply_lora, load_adapter, read_adapter, save_adapter
-from lora_cli.lora.adapter import (CONFIG_NAME, PREFIX, SAMPLES, WEIGHTS_NAME, Adapter, adapter_tensors, fingerprint,
-                              fingerprint_mismatches, sample_elements, sample_positions)
+from lora_cli.lora.adapter import CONFIG_NAME, PREFIX, WEIGHTS_NAME, Adapter, adapter_tensors
+from lora_cli.lora.fingerprint import SAMPLES, fingerprint, fingerprint_mismatches, sample_elements, sample_positions
 from lora_cli.errors import AdapterError, TargetError
 from lora_cli.lora.inject import get_spec, lora_layers
 from lora_cli.lora.merge import merge_adapter

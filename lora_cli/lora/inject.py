@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .errors import TargetError
+from .errors import AdapterError, TargetError
 from .layers import LoraEmbedding, LoraLayer, LoraLinear, is_adaptable, is_linear, wrap
 
 ALL_LINEAR = "all-linear"
@@ -304,3 +304,9 @@ def summarize(model: nn.Module) -> AdaptSummary:
         rows.append(AdaptedModule(path, "full", shape, None, sum(p.numel() for p in module.parameters())))
     return AdaptSummary(trainable=trainable, total=total, modules=rows)
 
+
+def require_spec(model: nn.Module) -> LoraSpec:
+    spec = get_spec(model)
+    if spec is None:
+        raise AdapterError("this model has no LoRA adapter", fix="call apply_lora() or load_adapter() first")
+    return spec

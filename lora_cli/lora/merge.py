@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from .. import __version__
-from .adapter import Adapter, check_fingerprint
+from .adapter import Adapter
+from .fingerprint import check_fingerprint
 from .errors import AdapterError, UserError
 from .files import fsync_dir, inside, remove, remove_stale_temps, temp_path, write_error, write_synced
 from .inject import SPEC_ATTR, _set_submodule, lora_layers

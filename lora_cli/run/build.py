@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from .. import data as datalib
-from ..lora.adapter import Adapter, base_fingerprint
+from ..lora.adapter import Adapter
+from ..lora.fingerprint import base_fingerprint
 from .config import _CLASS_PATH, Config, config_from_dict, config_to_dict
 from ..errors import AdapterError, ConfigError, UserError
 from ..lora.inject import apply_lora, get_spec, lora_layers

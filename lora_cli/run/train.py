@@ -34,7 +34,8 @@ import torch
 from . import checkpoint as ckpt
 from .. import data as datalib
 from . import distributed as dist
-from ..lora.adapter import WEIGHTS_NAME, adapter_config, adapter_keys, load_adapter_weights, write_adapter
+from ..lora.adapter import WEIGHTS_NAME, adapter_keys, load_adapter_weights, write_adapter
+from ..lora.adapter_config import adapter_config
 from .config import Config, config_to_dict, dump_config
 from .distributed import SINGLE, World
 from ..errors import OutputError, UserError
