@@ -5,7 +5,7 @@
 Builds a random base of about --mb megabytes (square float32 Linear layers named like a
 transformer's), trains nothing but perturbs an adapter on every layer, then runs
 `lora-merge` in a fresh process and reads its peak RSS (ru_maxrss of the child). The
-same is measured for `python -c "import lora_cli.lora.merge"` alone: what importing torch
+same is measured for `python -c "import lora_cli.lora.merge_files"` alone: what importing torch
 costs before any tensor is touched. A merge that held the base and the output in
 memory together would peak near import + 2 x size.
 """
@@ -65,7 +65,7 @@ def main() -> None:
         save_adapter(model, tmp / "adapter")
         del model
         size_mb = (tmp / "base.safetensors").stat().st_size / 2**20
-        env_python = [sys.executable, "-c", "import lora_cli.lora.merge, lora_cli.cli"]
+        env_python = [sys.executable, "-c", "import lora_cli.lora.merge_files, lora_cli.cli"]
         import_mb, _ = child_peak_mb(env_python)
         merge_cmd = [sys.executable, "-m", "lora_cli", "merge", str(tmp / "base.safetensors"),
                      str(tmp / "adapter"), "-o", str(tmp / "merged.safetensors")]

@@ -328,7 +328,7 @@ def merge_command(
     from .lora.adapter import read_adapter
     from .console import show_merge, show_model_code, show_verification
     from .run.evaluate import prepare_verification
-    from .lora.merge import merge_checkpoint
+    from .lora.merge_files import merge_checkpoint
     from .run.build import CodeChoice
     from .run.build import model_code as allowed_code
 

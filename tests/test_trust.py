@@ -40,7 +40,8 @@ from test_errors import (  # noqa: F401  (proj and trained are fixtures)
 from lora_cli.lora.adapter import read_adapter
 from lora_cli.errors import UserError
 from lora_cli.lora.files import LOCK_NAME, remove_stale_temps, run_lock, temp_path
-from lora_cli.lora.merge import MERGE_MARKER, merge_state_dict
+from lora_cli.lora.merge import merge_state_dict
+from lora_cli.lora.merge_files import MERGE_MARKER
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = "adapter_model.safetensors"

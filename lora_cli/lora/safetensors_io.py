@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from .errors import ModelError
-from .files import inside
+from .checks import is_int, show
 
 DTYPE_CODES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -37,7 +37,6 @@ for _name, _code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2"), (
     if hasattr(torch, _name):
         DTYPE_CODES[getattr(torch, _name)] = _code
 CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
-INDEX_NAME = "model.safetensors.index.json"
 MAX_HEADER_BYTES = 100_000_000   # the safetensors library refuses larger headers too
 MAX_DIMS = 64
 
@@ -47,19 +46,9 @@ def _unique_keys(pairs: list) -> dict:
     out = {}
     for key, value in pairs:
         if key in out:
-            raise ValueError(f"the key {_short(key)} appears twice")
+            raise ValueError(f"the key {show(key)} appears twice")
         out[key] = value
     return out
-
-
-def _short(value, limit: int = 60) -> str:
-    """repr(value), cut to ``limit`` characters (headers are untrusted: a name may be huge)."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def read_header(path: str | os.PathLike) -> tuple[dict[str, tuple[tuple[int, ...], torch.dtype, int, int]],
@@ -119,19 +108,19 @@ def _check_header(header, data_size: int, path: Path) -> tuple[dict, dict[str, s
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        where = f"tensor {_short(name)}"
+        where = f"tensor {show(name)}"
         if not isinstance(info, dict):
-            raise _corrupt(path, f"{where}: the entry is {_short(info)}, not an object")
+            raise _corrupt(path, f"{where}: the entry is {show(info)}, not an object")
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
         if not isinstance(dtype, str) or dtype not in CODE_DTYPES:
-            raise _corrupt(path, f"{where}: unknown dtype {_short(dtype)} (known: {', '.join(CODE_DTYPES)})")
-        if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_is_int(s) and s >= 0 for s in shape):
+            raise _corrupt(path, f"{where}: unknown dtype {show(dtype)} (known: {', '.join(CODE_DTYPES)})")
+        if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(is_int(s) and s >= 0 for s in shape):
             raise _corrupt(path, f"{where}: the shape must be a list of at most {MAX_DIMS} integers >= 0, "
-                                 f"got {_short(shape)}")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
+                                 f"got {show(shape)}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_int(o) for o in offsets)
                 and 0 <= offsets[0] <= offsets[1]):
             raise _corrupt(path, f"{where}: data_offsets must be two integers 0 <= start <= end, "
-                                 f"got {_short(offsets)}")
+                                 f"got {show(offsets)}")
         start, end = offsets
         if end > data_size:
             raise _corrupt(path, f"{where} ends at byte {end} of the data, which has {data_size} (truncated?)")
@@ -144,7 +133,7 @@ def _check_header(header, data_size: int, path: Path) -> tuple[dict, dict[str, s
     for start, end, name, _, _ in entries:
         if start != position:
             what = "overlaps the tensor before it" if start < position else f"leaves a gap at byte {position}"
-            raise _corrupt(path, f"tensor {_short(name)} {what} (data_offsets must tile the data)")
+            raise _corrupt(path, f"tensor {show(name)} {what} (data_offsets must tile the data)")
         position = end
     if position != data_size:
         raise _corrupt(path, f"the tensors cover {position} bytes of data but the file holds {data_size} "
@@ -299,73 +288,3 @@ def _numel(shape) -> int:
 def _itemsize(dtype: torch.dtype) -> int:
     return dtype.itemsize
 
-
-def index_files(directory: str | os.PathLike, name: str = INDEX_NAME) -> list[Path]:
-    """The files a shard index in ``directory`` names (its ``weight_map`` values), checked:
-    each must be a plain file name in the directory, not a path that leaves it (``../x``,
-    an absolute path, a symlink pointing out), and must exist."""
-    directory = Path(directory)
-    index = directory / name
-    names = set(read_index(index)["weight_map"].values())       # types checked there
-    for f in sorted(names):
-        if not isinstance(f, str) or not f or Path(f).name != f or f in (".", ".."):
-            raise ModelError(f"the index names the shard {f!r}, which is not a file name in this folder",
-                             where=str(index), fix="shard entries are plain file names beside the index")
-        if (directory / f).is_symlink() and not inside(directory, directory / f):
-            raise ModelError(f"the shard {f!r} is a symlink to {os.path.realpath(directory / f)}, outside the "
-                             "model folder", where=str(index), fix=RESOLVE_LINKS)
-        if not (directory / f).is_file():
-            raise ModelError(f"shard {f} named by the index is missing", where=str(index))
-    return [directory / f for f in sorted(names)]
-
-
-RESOLVE_LINKS = ("lora-cli reads nothing from outside the folder you name; if the links are yours (a Hugging Face "
-                  "cache snapshot, say), copy the folder with its links resolved (cp -rL) and use the copy")
-
-
-def shard_files(directory: str | os.PathLike) -> list[Path]:
-    """The safetensors files of a model directory: the shards its index names, or the
-    single ``model.safetensors``; none of them may lie outside the directory."""
-    directory = Path(directory)
-    if (directory / INDEX_NAME).exists():
-        return index_files(directory)
-    files = sorted(directory.glob("*.safetensors"))
-    if len(files) == 1:
-        if not inside(directory, files[0]):
-            raise ModelError(f"{files[0].name} is a symlink to {os.path.realpath(files[0])}, outside the model "
-                             "folder", where=str(directory), fix=RESOLVE_LINKS)
-        return files
-    raise ModelError("no model.safetensors (or shard index) in this directory" if not files else
-                     f"{len(files)} safetensors files but no {INDEX_NAME}", where=str(directory),
-                     fix="point to a .safetensors/.pt file, or a model directory saved with save_pretrained")
-
-
-def read_index(path: str | os.PathLike) -> dict:
-    """A model directory's shard index (model.safetensors.index.json), validated: a JSON
-    object whose ``weight_map`` is a non-empty object mapping tensor names to shard file
-    names, and whose ``metadata``, if present, is an object."""
-    path = Path(path)
-    fix = "the index is corrupt; save the model again with save_pretrained"
-    try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except OSError as exc:
-        raise ModelError(f"cannot read the shard index: {exc.strerror or exc}", where=str(path), fix=fix) from None
-    except UnicodeDecodeError:
-        raise ModelError("invalid shard index: not UTF-8 text", where=str(path), fix=fix) from None
-    except RecursionError:
-        raise ModelError("invalid shard index: nested too deeply", where=str(path), fix=fix) from None
-    except ValueError as exc:
-        raise ModelError(f"invalid shard index: not valid JSON ({exc})", where=str(path), fix=fix) from None
-    if not isinstance(data, dict):
-        raise ModelError(f"invalid shard index: a JSON {type(data).__name__}, not an object", where=str(path), fix=fix)
-    weight_map = data.get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise ModelError(f"invalid shard index: weight_map must be a non-empty object, got {_short(weight_map)}",
-                         where=str(path), fix=fix)
-    bad = [f for f in weight_map.values() if not isinstance(f, str) or not f]
-    if bad:
-        raise ModelError(f"invalid shard index: weight_map values must be shard file names, got {_short(bad[0])}",
-                         where=str(path), fix=fix)
-    if not isinstance(data.get("metadata", {}), dict):
-        raise ModelError("invalid shard index: metadata must be an object", where=str(path), fix=fix)
-    return data

@@ -24,7 +24,8 @@ from torch import nn
 
 from ..errors import ModelError, closest
 from .builtin import ARCHS, MLP, GPT, LinearModel
-from .weights import check_fits, load_base_weights, read_state_dict, save_state_dict
+from ..lora.weight_files import read_state_dict, save_state_dict
+from .weights import check_fits, load_base_weights
 
 __all__ = [
     "ARCHS", "GPT", "MLP", "LinearModel", "build_model", "check_built_in_fits", "infer_args", "module_origin",

@@ -12,7 +12,6 @@ chat rendering and decoding.
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import re
@@ -21,8 +20,8 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import ModelError
-from ..lora.safetensors_io import index_files
-from .weights import check_finite
+from ..lora.model_folder import INDEX_NAMES, index_files, read_model_config
+from ..lora.weight_files import check_finite
 
 TASK_TYPES = {"causal_lm": "CAUSAL_LM", "classification": "SEQ_CLS"}
 
@@ -39,7 +38,6 @@ def _transformers():
 
 
 NO_REMOTE_CODE = {"local_files_only": True, "trust_remote_code": False}
-INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
 def _check_dir(path: str | os.PathLike, transformers=None) -> Path:
@@ -82,37 +80,6 @@ def _custom_code_error(exc: Exception, path: Path) -> ModelError | None:
     return ModelError("this model folder needs its own Python code to load, and lora-cli never runs code from a "
                       "model folder", where=str(path),
                       fix="use a model whose architecture transformers has built in")
-
-
-MAX_MODEL_CONFIG_BYTES = 16 * 1024 * 1024
-
-
-def read_model_config(directory: str | os.PathLike) -> dict:
-    """A model directory's config.json, validated: a UTF-8 JSON object (at most 16 MB)
-    whose ``architectures``, if present, is a list of class names. The rest is
-    transformers' to check when it builds the model."""
-
-    path = Path(directory) / "config.json"
-    fix = "the model directory is damaged; save the model again with save_pretrained"
-    try:
-        if not path.is_file():
-            raise ModelError("config.json is not a file", where=str(path), fix=fix)
-        if path.stat().st_size > MAX_MODEL_CONFIG_BYTES:
-            raise ModelError(f"config.json is {path.stat().st_size / 2**20:.0f} MB, more than a model config can be",
-                             where=str(path), fix=fix)
-        config = json.loads(path.read_bytes().decode("utf-8"))
-    except OSError as exc:
-        raise ModelError(f"cannot read config.json: {exc.strerror or exc}", where=str(path)) from None
-    except RecursionError:
-        raise ModelError("config.json is not valid JSON: nested too deeply", where=str(path), fix=fix) from None
-    except ValueError as exc:    # JSONDecodeError, UnicodeDecodeError, an integer of thousands of digits
-        raise ModelError(f"config.json is not valid JSON ({exc})", where=str(path), fix=fix) from None
-    if not isinstance(config, dict):
-        raise ModelError(f"config.json holds a JSON {type(config).__name__}, not an object", where=str(path), fix=fix)
-    arch = config.get("architectures")
-    if arch is not None and not (isinstance(arch, list) and all(isinstance(a, str) for a in arch)):
-        raise ModelError("config.json: architectures must be a list of class names", where=str(path), fix=fix)
-    return config
 
 
 class HFTokenizer:

@@ -26,7 +26,7 @@ from .config import _CLASS_PATH, Config, config_from_dict, config_to_dict
 from ..errors import AdapterError, ConfigError, UserError
 from ..lora.inject import apply_lora, get_spec, lora_layers
 from ..models import build_model, check_built_in_fits, infer_args, load_base_weights, module_origin
-from ..models.weights import first_non_finite, weight_shapes
+from ..lora.weight_files import first_non_finite, weight_shapes
 from ..models.tokenizers import ByteTokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -260,7 +260,7 @@ def read_checkpoint(ckpt: Checkpoint) -> Restored:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        from ..models.weights import is_pickle
+        from ..lora.weight_files import is_pickle
 
         found = re.search(r"GLOBAL ([\w.]+)", str(exc))
         if found is None and not is_pickle(path):

@@ -338,7 +338,8 @@ def prepare_verification(adapter_path: str | os.PathLike, base: str | os.PathLik
 def stored_float_dtypes(path: str | os.PathLike) -> set[torch.dtype]:
     """The floating dtypes a weights file (or model directory) stores its tensors in."""
     from ..models import read_state_dict
-    from ..lora.safetensors_io import SafetensorsReader, shard_files
+    from ..lora.safetensors_io import SafetensorsReader
+    from ..lora.model_folder import shard_files
 
     path = Path(path)
     if path.is_dir() or path.suffix == ".safetensors":
