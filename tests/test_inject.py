@@ -17,7 +17,8 @@ from conftest import (DIM, N_LAYER, VOCAB, TinyLM, headed, ids, perturb_lora,
                       state_copy, tiny_gpt2, tiny_lm)
 from lora_cli import apply_lora, summarize
 from lora_cli.errors import TargetError, UserError
-from lora_cli.lora.inject import get_spec, lora_layers, output_head, resolve_targets
+from lora_cli.lora.inject import get_spec, lora_layers
+from lora_cli.lora.targets import output_head, resolve_targets
 from lora_cli.lora.layers import LoraEmbedding, LoraLinear
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")

@@ -43,7 +43,8 @@ from .checks import show
 from .errors import AdapterError
 from .fingerprint import base_tensors, check_fingerprint
 from .files import fsync_dir, remove, temp_path, write_error, write_synced
-from .inject import LoraSpec, inject, lora_layers, lora_parameters, name_matches, require_spec, trainable_biases
+from .inject import LoraSpec, inject, lora_layers, lora_parameters, require_spec, trainable_biases
+from .targets import name_matches
 from .layers import LoraEmbedding, lora_scaling
 
 WEIGHTS_NAME = "adapter_model.safetensors"

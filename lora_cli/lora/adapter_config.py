@@ -21,8 +21,10 @@ from .. import __version__
 from .checks import entries, is_int, is_number, is_str_list, nul_at, show, simple
 from .errors import AdapterError
 from .fingerprint import base_fingerprint, recorded_fingerprint_problem
-from .inject import lora_layers, name_matches, require_spec
-from .layers import LAYOUTS, LoraEmbedding
+from .inject import lora_layers, require_spec
+from .targets import name_matches
+from .layers import LoraEmbedding
+from .names import LAYOUTS
 
 
 def _peft_target_modules(model: nn.Module, targets: list[str]) -> list[str]:

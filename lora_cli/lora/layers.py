@@ -39,9 +39,6 @@ from torch import nn
 from .kernel import lora_linear
 
 
-LAYOUTS = ("linear", "conv1d", "embedding")   # how an adapted module's weight is laid out (see above)
-
-
 def lora_scaling(rank: int, alpha: float, use_rslora: bool = False) -> float:
     """The factor s applied to the low-rank update: alpha / r, or alpha / sqrt(r) (rsLoRA)."""
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
