@@ -39,7 +39,8 @@ from test_errors import (  # noqa: F401  (proj and trained are fixtures)
     assert_user_error, csv_text, describe, invoke, proj, save_mlp_base, trained)
 from lora_cli.lora.adapter import read_adapter
 from lora_cli.errors import UserError
-from lora_cli.lora.files import LOCK_NAME, remove_stale_temps, run_lock, temp_path
+from lora_cli.lora.files import remove_stale_temps, temp_path
+from lora_cli.run.lock import LOCK_NAME, run_lock
 from lora_cli.lora.merge import merge_state_dict
 from lora_cli.lora.merge_files import MERGE_MARKER
 

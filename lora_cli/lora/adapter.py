@@ -42,7 +42,7 @@ from .adapter_config import DAMAGED, adapter_config, parse_config_json, read_con
 from .checks import show
 from .errors import AdapterError
 from .fingerprint import base_tensors, check_fingerprint
-from .files import fsync_dir, remove, temp_path, write_error, write_synced
+from .files import put_in_place, remove, temp_path, write_error, write_synced
 from .inject import LoraSpec, inject, lora_layers, lora_parameters, require_spec, trainable_biases
 from .targets import name_matches
 from .layers import LoraEmbedding, lora_scaling
@@ -166,14 +166,7 @@ def write_adapter(directory: str | os.PathLike, config: Mapping, tensors: Mappin
         weights = save(tensors, metadata={"format": "pt", HEADER_KEY: json.dumps(config)})
         write_synced(tmp / WEIGHTS_NAME, lambda f: f.write(weights))
         write_synced(tmp / CONFIG_NAME, lambda f: f.write((json.dumps(config, indent=2) + "\n").encode()))
-        if directory.exists():
-            old = temp_path(directory, "old")
-            directory.rename(old)
-            tmp.rename(directory)
-            remove(old)
-        else:
-            tmp.rename(directory)
-        fsync_dir(directory.parent)
+        put_in_place(tmp, directory)
     except BaseException:
         remove(tmp)
         raise

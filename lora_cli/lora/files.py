@@ -11,27 +11,24 @@ two processes never share one. A process killed mid-write leaves its temporary b
 :func:`remove_stale_temps` deletes those whose PID is no longer alive, and is run by the
 next process that writes into the folder.
 
-:func:`run_lock` holds an exclusive ``flock`` on ``LOCK_NAME`` in a folder for as long as
-one run uses it; the lock file holds the owner's PID, so a second run can name it.
+A folder (an adapter, a checkpoint, a model directory) is built under a temporary name and
+put in place by :func:`put_in_place`, the one way lora-cli replaces a folder.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import os
 import re
 import secrets
 import shutil
-import stat
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import BinaryIO
 
-from .errors import OutputError, UserError
+from .errors import OutputError
 
-LOCK_NAME = ".lora-cli.lock"
 # ".NAME.tmp-PID-RAND" and ".NAME.old-PID-RAND" (this version), ".NAME.tmp-PID" (before it)
 _TEMP = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)(?P<rand>-[0-9a-f]{8})?")
 
@@ -168,6 +165,29 @@ def write_atomic(path: str | os.PathLike, writer: Callable[[BinaryIO], object]) 
     fsync_dir(path.parent)
 
 
+def put_in_place(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Rename ``tmp`` (a finished file or folder beside ``final``) to ``final``, replacing
+    what is there, and make the rename durable.
+
+    A file replaces a file in one atomic rename. A folder cannot replace a non-empty folder
+    that way: the old one is first renamed aside (``.NAME.old-PID-RAND``), the new one
+    renamed in, then the old one removed. ``final`` is therefore always the old whole or
+    the new whole; after a crash between the two renames it is missing and the old whole
+    lies beside it, where :func:`remove_stale_temps` puts it back.
+    """
+    tmp, final = Path(tmp), Path(final)
+    if final.is_symlink() or (final.exists() and final.is_dir() != tmp.is_dir()):
+        remove(final)      # a link, or a file where a folder goes (or the reverse): nothing to keep whole
+    if tmp.is_dir() and final.exists():
+        old = temp_path(final, "old")
+        final.rename(old)
+        tmp.rename(final)
+        remove(old)
+    else:
+        os.replace(tmp, final)
+    fsync_dir(final.parent)
+
+
 def remove(path: str | os.PathLike) -> None:
     """Delete a file or a directory tree, if it exists (a symlink itself, never its target)."""
     path = Path(path)
@@ -179,91 +199,3 @@ def remove(path: str | os.PathLike) -> None:
 
 # --- one run per folder ------------------------------------------------------------------
 
-def _owner(fd: int) -> str:
-    """The PID written in a lock file, as text ('' while its owner is still writing it)."""
-    try:
-        return os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-    except OSError:
-        return ""
-
-
-@contextlib.contextmanager
-def run_lock(folder: str | os.PathLike, what: str = "lora-train", label: str = "output_dir") -> Iterator[str]:
-    """Hold ``folder/LOCK_NAME`` exclusively while the block runs; yields the lock file's path.
-
-    ``folder`` (and missing parents) is created for the lock and removed again afterwards
-    if the run left it empty. Another process holding the lock is a UserError naming its
-    PID. The lock is an OS lock (``flock``): it goes away with its process, however that
-    ends, so a killed run never blocks the next one. The lock file is deleted on release.
-    On a filesystem that has no locks the block runs unlocked.
-    """
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"{label} exists and is a file", where=str(folder), fix=f"choose another {label}")
-    created = []
-    probe = folder
-    while not probe.exists() and not probe.is_symlink() and probe != probe.parent:
-        created.append(probe)
-        probe = probe.parent
-
-    def unwritable(exc: OSError) -> UserError:
-        return UserError(f"{label} cannot be written: {exc.strerror}", where=str(folder),
-                         fix="choose a folder you can write to")
-
-    path = folder / LOCK_NAME
-    fd = -1
-    try:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise unwritable(exc) from None
-        for _ in range(20):   # the lock file can be replaced between our open and our flock
-            try:   # never through a symlink, nor into a file linked elsewhere: the lock file is rewritten
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
-            except OSError as exc:
-                if exc.errno == errno.ELOOP:
-                    raise UserError(f"{LOCK_NAME} in this folder is a symlink, not lora-cli's lock file",
-                                    where=str(folder), fix=f"remove {path} if no run is using the folder") from None
-                raise unwritable(exc) from None
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
-                os.close(fd)
-                fd = -1
-                raise UserError(f"{LOCK_NAME} in this folder is not lora-cli's lock file (not a plain file, or "
-                                "linked elsewhere)", where=str(folder), fix=f"remove {path} if no run is using the folder")
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                pid = _owner(fd)
-                os.close(fd)
-                fd = -1
-                raise UserError(f"another {what} ({f'PID {pid}' if pid else 'a process starting up'}) is "
-                                "using this folder", where=str(folder),
-                                fix=f"wait for it to finish (or stop it), or choose another {label}") from None
-            except OSError as exc:
-                if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL):
-                    raise
-                break              # a filesystem without locks: the run goes on unlocked
-            try:
-                same = os.fstat(fd).st_ino == os.stat(path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)
-            fd = -1
-        else:
-            raise UserError("the lock file keeps changing", where=str(path), fix="try again")
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield str(path)
-    finally:
-        if fd >= 0:
-            with contextlib.suppress(OSError):
-                path.unlink()      # while still holding it: the next owner makes a new one
-            os.close(fd)
-        for d in created:          # innermost first; only folders this lock made and left empty
-            try:
-                d.rmdir()
-            except OSError:
-                break

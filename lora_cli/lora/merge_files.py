@@ -26,7 +26,7 @@ import torch
 from .. import __version__
 from .adapter import Adapter
 from .errors import AdapterError, UserError
-from .files import fsync_dir, inside, remove, remove_stale_temps, temp_path, write_error, write_synced
+from .files import inside, put_in_place, remove, remove_stale_temps, temp_path, write_error, write_synced
 from .fingerprint import check_fingerprint
 from .merge import Merger
 from .model_folder import INDEX_NAME, shard_files
@@ -172,10 +172,7 @@ def merge_checkpoint(base: str | os.PathLike, adapters: Sequence[Adapter], out: 
             _update_model_config(tmp, adapters)
             marker = {"written_by": "lora-merge", "version": __version__}
             write_synced(tmp / MERGE_MARKER, lambda f: f.write((json.dumps(marker) + "\n").encode()))
-        if out.exists() or out.is_symlink():
-            remove(out)
-        os.replace(tmp, out)
-        fsync_dir(out.parent)
+        put_in_place(tmp, out)
     except OSError as exc:
         remove(tmp)
         full = exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)   # whichever file it names

@@ -43,7 +43,7 @@ import torch
 
 from ..lora.adapter import Adapter, parse_adapter, read_adapter, write_adapter
 from ..errors import UserError
-from ..lora.files import fsync_dir, remove, temp_path, write_atomic, write_error, write_synced
+from ..lora.files import put_in_place, remove, temp_path, write_atomic, write_error, write_synced
 
 DIRNAME = "checkpoints"
 UNSAVED = "unsaved-adapter.pt"
@@ -164,10 +164,7 @@ def save_checkpoint(output_dir: str | os.PathLike, *, step: int, epoch: int, ada
         info = {"step": step, "epoch": epoch, "workers": workers, "config": config,
                 **({"inputs": inputs} if inputs else {})}
         write_synced(tmp / "trainer_state.json", lambda f: f.write(json.dumps(info, indent=2).encode()))
-        if final.exists():
-            remove(final)
-        os.replace(tmp, final)
-        fsync_dir(root)
+        put_in_place(tmp, final)
     except OSError as exc:
         remove(tmp)
         raise write_error(exc, final, f"the checkpoint of step {step}") from None

@@ -20,7 +20,6 @@ import contextlib
 import json
 import math
 import os
-import re
 import signal
 import threading
 import time
@@ -40,7 +39,8 @@ from .config import Config, config_to_dict, dump_config
 from .distributed import SINGLE, World
 from ..errors import OutputError, UserError
 from .evaluate import evaluate, forward, ignore_rows, loss_fn, loss_items
-from ..lora.files import LOCK_NAME, remove, remove_stale_temps, run_lock, write_atomic, write_error
+from ..lora.files import remove, remove_stale_temps, write_atomic, write_error
+from .lock import run_lock
 from ..lora.kernel import shared_dropout
 from ..lora.inject import AdaptSummary, summarize
 from .build import Built, adapter_metadata, autocast_for, batches, build, cpu_threads, peft_fields, resolve_device
