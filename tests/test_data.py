@@ -393,3 +393,16 @@ def test_fuzz_jsonl_returns_data_or_data_error(tmp_path, lines, task):
     path = write(tmp_path, "fuzz.jsonl", "\n".join(lines))
     only_data_errors(lambda: load_tabular(path, task=task))
     only_data_errors(lambda: load_text(path, tokenizer=TOK, max_seq_len=4))
+
+
+def test_split_labelled_texts_keeps_truncation_counts(tmp_path):
+    """Each half of a split counts its own truncated texts (both reported the whole set's)."""
+    from lora_cli.data import load_text_classification
+    from lora_cli.models.tokenizers import ByteTokenizer
+    rows = [{"text": ("long " * 20 if i % 3 == 0 else "short"), "label": "ab"[i % 2]} for i in range(30)]
+    (tmp_path / "cls.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = load_text_classification(tmp_path / "cls.jsonl", tokenizer=ByteTokenizer(), max_seq_len=16)
+    assert data.truncated == 10
+    train, val = split(data, 0.3, seed=0)
+    assert train.truncated + val.truncated == 10
+    assert val.truncated == sum(len(ids) == 16 for ids in val.examples) and 0 < val.truncated < 10

@@ -284,7 +284,7 @@ def test_a_llama_tokenizer_gets_its_bos_and_an_exact_prompt_completion_join(tmp_
 
 def test_a_chat_template_that_writes_bos_gets_no_second_one():
     from lora_cli.models.hf import HFTokenizer
-    from lora_cli.data import _example
+    from lora_cli.data.text import _example
     raw = _llama_tokenizer()
     raw.chat_template = ("{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
                          "{% if add_generation_prompt %}[assistant] {% endif %}")
