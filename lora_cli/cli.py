@@ -16,6 +16,7 @@ from typing import List, Optional
 
 import typer
 
+from .choices import DTYPES
 from .errors import UserError
 
 
@@ -333,8 +334,8 @@ def merge_command(
     from .run.build import model_code as allowed_code
 
     factors = _parse_weights(adapters, weights)
-    if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
-        raise UserError(f"unknown dtype {dtype!r}", where="--dtype", fix="use float32, bfloat16 or float16")
+    if dtype is not None and dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}", where="--dtype", fix=f"use {', '.join(DTYPES)}")
     if verify and (len(adapters) > 1 or (factors and factors != [1.0])):
         raise UserError("--verify checks one adapter at weight 1", where="--verify",
                         fix="merge and verify adapters one at a time")

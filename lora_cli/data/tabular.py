@@ -10,12 +10,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..choices import TABULAR_TASKS
 from ..errors import DataError
 from .labels import class_ids, known_label
 from .read import check_suffix, read_text, show, suggest, table
 
 
-TABULAR_TASKS = ("regression", "classification")
 _F32_MAX = float(torch.finfo(torch.float32).max)
 
 

@@ -24,6 +24,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from .errors import ModelError
 from .files import write_atomic, write_error
+from .names import DTYPE_NAMES
 from .safetensors_io import read_header
 
 
@@ -238,4 +239,4 @@ def save_state_dict(sd: Mapping[str, torch.Tensor], path: str | os.PathLike, *,
         raise write_error(exc, path, "the weights") from None
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}   # a dtype a user names -> torch's

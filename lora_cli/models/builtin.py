@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import choices
 from ..errors import ModelError
 from .gpt import GPT, check_sizes
 
@@ -65,4 +66,4 @@ class MLP(nn.Module):
         return self.head(x)                                # (B, out)
 
 
-ARCHS = {"linear": LinearModel, "mlp": MLP, "gpt": GPT}
+ARCHS = dict(zip(choices.ARCHS, (LinearModel, MLP, GPT)))   # the names a config may give model.arch

@@ -22,7 +22,8 @@ from torch import nn
 from .. import data as datalib
 from ..lora.adapter import Adapter
 from ..lora.fingerprint import base_fingerprint
-from .config import _CLASS_PATH, Config, config_from_dict, config_to_dict
+from .config import Config, config_from_dict, config_to_dict
+from .validate import CLASS_PATH
 from ..errors import AdapterError, ConfigError, UserError
 from ..lora.inject import apply_lora, get_spec, lora_layers
 from ..models import build_model, check_built_in_fits, infer_args, load_base_weights, module_origin
@@ -226,7 +227,7 @@ def model_code(adapter: Adapter, choice: CodeChoice) -> ModelCode | None:
                             fix=f"add --model-code {recorded} (or --trust-adapter-code)")
         raise _unconfirmed(adapter, recorded, cfg.model.args)
     class_path = choice.model_code or recorded
-    if choice.model_code and not _CLASS_PATH.fullmatch(class_path):
+    if choice.model_code and not CLASS_PATH.fullmatch(class_path):
         raise UserError(f"must look like 'package.module:ClassName', got {class_path!r}", where="--model-code",
                         fix=f"e.g. --model-code {recorded}")
     folder = Path(choice.model_path or ".").resolve()
