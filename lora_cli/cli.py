@@ -330,8 +330,8 @@ def merge_command(
     from .console import show_merge, show_model_code, show_verification
     from .run.evaluate import prepare_verification
     from .lora.merge_files import merge_checkpoint
-    from .run.build import CodeChoice
-    from .run.build import model_code as allowed_code
+    from .run.meta import CodeChoice
+    from .run.meta import model_code as allowed_code
 
     factors = _parse_weights(adapters, weights)
     if dtype is not None and dtype not in DTYPES:
@@ -409,7 +409,7 @@ def eval_command(
     """Measure the base model and base+adapter side by side on held-out data."""
     from .console import show_comparison, show_json, show_model_code
     from .run.evaluate import compare, model_code_for
-    from .run.build import CodeChoice
+    from .run.meta import CodeChoice
 
     choice = CodeChoice(model_code=model_code, model_path=model_path, trust_adapter_code=trust_adapter_code)
     code = model_code_for(source, choice)

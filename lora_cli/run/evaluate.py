@@ -191,7 +191,7 @@ def _source(source: str | os.PathLike, code=None, *, base: str | None = None, da
     names (see :func:`lora_cli.run.build.config_from_adapter`)."""
     from ..lora.adapter import read_adapter
     from .config import load_config
-    from .build import config_from_adapter, with_base
+    from .meta import config_from_adapter, with_base
 
     source = Path(source)
     if _is_config(source):
@@ -211,7 +211,7 @@ def model_code_for(source: str | os.PathLike, choice):
     flags) allows it; None when it needs none. Nothing is imported. A training config
     brings its own model.class_path, imported from its folder as in training."""
     from ..lora.adapter import read_adapter
-    from .build import model_code
+    from .meta import model_code
 
     source = Path(source)
     if _is_config(source):
@@ -235,7 +235,8 @@ def compare(source: str | os.PathLike, *, data: str | None = None, merged: str |
     (or model directory) when they are no longer where the adapter says.
     """
     from ..lora.adapter import load_adapter
-    from .build import autocast_for, batches, build_base, fingerprint_shapes, load_heldout, resolve_device
+    from .build import autocast_for, batches, build_base, load_heldout, resolve_device
+    from .meta import fingerprint_shapes
 
     cfg, adapter, search = _source(source, code, base=base, data=data)
     meta = adapter.meta
@@ -305,7 +306,8 @@ def prepare_verification(adapter_path: str | os.PathLike, base: str | os.PathLik
     stored in a lower precision than float32.
     """
     from ..lora.adapter import load_adapter, read_adapter
-    from .build import batches, build_base, config_from_adapter, load_heldout
+    from .build import batches, build_base, load_heldout
+    from .meta import config_from_adapter
 
     adapter = read_adapter(adapter_path)
     cfg = config_from_adapter(adapter, code, base=base, data=data)

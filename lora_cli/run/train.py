@@ -43,7 +43,8 @@ from ..lora.files import remove, remove_stale_temps, write_atomic, write_error
 from .lock import run_lock
 from ..lora.kernel import shared_dropout
 from ..lora.inject import AdaptSummary, summarize
-from .build import Built, adapter_metadata, autocast_for, batches, build, cpu_threads, peft_fields, resolve_device
+from .build import Built, autocast_for, batches, build, cpu_threads, resolve_device
+from .meta import adapter_metadata, peft_fields
 
 OWNED = ("adapter", "config.yaml", "metrics.jsonl", ckpt.DIRNAME, ckpt.UNSAVED)   # what a run writes into output_dir
 LEFTOVERS = ("config.yaml", "metrics.jsonl")   # what a run leaves that ends before its first checkpoint
