@@ -328,7 +328,7 @@ def merge_command(
     """Fold LoRA adapters into base weights: W' = W + weight * (alpha/r) * B @ A."""
     from .lora.adapter import read_adapter
     from .console import show_merge, show_model_code, show_verification
-    from .run.evaluate import prepare_verification
+    from .run.compare import prepare_verification
     from .lora.merge_files import merge_checkpoint
     from .run.meta import CodeChoice
     from .run.meta import model_code as allowed_code
@@ -408,7 +408,7 @@ def eval_command(
 ) -> None:
     """Measure the base model and base+adapter side by side on held-out data."""
     from .console import show_comparison, show_json, show_model_code
-    from .run.evaluate import compare, model_code_for
+    from .run.compare import compare, model_code_for
     from .run.meta import CodeChoice
 
     choice = CodeChoice(model_code=model_code, model_path=model_path, trust_adapter_code=trust_adapter_code)
