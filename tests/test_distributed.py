@@ -25,7 +25,8 @@ from lora_cli.run.config import config_from_dict, config_to_dict
 from lora_cli.errors import UserError
 from lora_cli.run.evaluate import _Tally
 from lora_cli.run.launch import Failure, explain
-from lora_cli.run.train import resume_config, train
+from lora_cli.run.train import train
+from lora_cli.run.resume import resume_config
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = "adapter_model.safetensors"

@@ -19,11 +19,12 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from lora_cli.run import checkpoint as ckpt
+from lora_cli.run import loop as looplib
 from lora_cli.run import train as trainlib
 from lora_cli.cli import app
 from lora_cli.errors import UserError
 from lora_cli.models import build_model, save_state_dict
-from lora_cli.run.train import prepare_output_dir
+from lora_cli.run.output_dir import prepare_output_dir
 
 runner = CliRunner()
 
@@ -95,31 +96,31 @@ def test_a_run_that_fails_mid_training_does_not_block_the_same_command(proj):
 
 
 def test_an_interrupt_before_the_first_checkpoint_does_not_block_the_same_command(proj, monkeypatch):
-    real = trainlib.make_optimizer
+    real = looplib.make_optimizer
 
     def interrupted(cfg, params):           # Ctrl-C once output_dir exists, before a step ran
         os.kill(os.getpid(), signal.SIGINT)
         return real(cfg, params)
 
-    monkeypatch.setattr(trainlib, "make_optimizer", interrupted)
+    monkeypatch.setattr(looplib, "make_optimizer", interrupted)
     result = train()
     assert result.exit_code == 130 and (proj / "run" / "config.yaml").exists()
-    monkeypatch.setattr(trainlib, "make_optimizer", real)
+    monkeypatch.setattr(looplib, "make_optimizer", real)
     succeeded(train(), proj / "run")
 
 
 def test_a_second_ctrl_c_mid_step_does_not_block_the_same_command(proj, monkeypatch):
-    real = trainlib._Run.step
+    real = looplib.Run.step
 
-    def step(self, group, received):
+    def step(self, group, *rest):
         if self.loop.step == 3:
             raise KeyboardInterrupt         # what the signal handler raises on a second Ctrl-C
-        return real(self, group, received)
+        return real(self, group, *rest)
 
-    monkeypatch.setattr(trainlib._Run, "step", step)
+    monkeypatch.setattr(looplib.Run, "step", step)
     assert train().exit_code == 130
     assert not ckpt.checkpoints(proj / "run") and (proj / "run" / "metrics.jsonl").exists()
-    monkeypatch.setattr(trainlib._Run, "step", real)
+    monkeypatch.setattr(looplib.Run, "step", real)
     succeeded(train(), proj / "run")
 
 
@@ -130,7 +131,7 @@ def test_a_failure_while_saving_keeps_the_trained_state_and_resume_writes_the_ad
         raise ModuleNotFoundError("No module named 'numpy'")
 
     with monkeypatch.context() as patch:
-        patch.setattr(trainlib, "write_adapter", broken)
+        patch.setattr(looplib, "write_adapter", broken)
         result = train()
     assert result.exit_code == 2
     message = " ".join(result.output.split())
@@ -156,7 +157,7 @@ def test_when_no_copy_can_be_kept_either_the_message_says_so(proj, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(trainlib, "write_adapter", broken)
+    monkeypatch.setattr(looplib, "write_adapter", broken)
     monkeypatch.setattr(ckpt, "save_unsaved", broken)
     result = train()
     assert result.exit_code == 2

@@ -431,7 +431,7 @@ def test_resume_of_a_checkpoint_without_fingerprints_says_so(checkpointed: Path)
 
 
 def test_large_base_weights_are_sampled_and_data_is_hashed_whole(tmp_path: Path, monkeypatch):
-    from lora_cli.run import checkpoint as ckpt
+    from lora_cli.run import resume as ckpt
 
     monkeypatch.setattr(ckpt, "WHOLE_LIMIT", 4096)
     monkeypatch.setattr(ckpt, "SAMPLE_BYTES", 256)

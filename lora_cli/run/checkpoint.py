@@ -28,7 +28,6 @@ damaged, or written by something else, is one UserError naming what is wrong.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -298,11 +297,11 @@ def _unreadable(ckpt: Checkpoint, detail: str) -> UserError:
                      fix="delete this checkpoint directory to resume from the one before it")
 
 
-def _is_int(v, minimum: int = 0) -> bool:
+def is_count(v, minimum: int = 0) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= minimum
 
 
-def _is_number(v) -> bool:
+def is_scalar(v) -> bool:
     if isinstance(v, torch.Tensor):
         return v.numel() == 1 and not v.is_complex() and bool(torch.isfinite(v).all())
     if isinstance(v, bool) or not isinstance(v, (int, float)):
@@ -313,7 +312,7 @@ def _is_number(v) -> bool:
         return False
 
 
-def _show(value) -> str:
+def show_value(value) -> str:
     text = repr(value) if not isinstance(value, torch.Tensor) else f"a tensor of shape {tuple(value.shape)}"
     return text if len(text) <= 60 else text[:57] + "..."
 
@@ -326,35 +325,35 @@ def validate_info(info, ckpt: Checkpoint) -> dict:
     if not isinstance(info, dict):
         raise _unreadable(ckpt, f"trainer_state.json holds a JSON {type(info).__name__}, not an object")
     problems = []
-    if info.get("step") != ckpt.step or not _is_int(info.get("step")):
-        problems.append(f"step must be {ckpt.step} (the directory's), got {_show(info.get('step'))}")
-    if not _is_int(info.get("epoch")):
-        problems.append(f"epoch must be an integer >= 0, got {_show(info.get('epoch'))}")
-    if not _is_int(info.get("workers", 1), 1) or info.get("workers", 1) > 1 << 20:
-        problems.append(f"workers must be an integer from 1 to {1 << 20:,}, got {_show(info.get('workers'))}")
+    if info.get("step") != ckpt.step or not is_count(info.get("step")):
+        problems.append(f"step must be {ckpt.step} (the directory's), got {show_value(info.get('step'))}")
+    if not is_count(info.get("epoch")):
+        problems.append(f"epoch must be an integer >= 0, got {show_value(info.get('epoch'))}")
+    if not is_count(info.get("workers", 1), 1) or info.get("workers", 1) > 1 << 20:
+        problems.append(f"workers must be an integer from 1 to {1 << 20:,}, got {show_value(info.get('workers'))}")
     if not isinstance(info.get("config"), dict):
-        problems.append(f"config must be an object (the run's config), got {_show(info.get('config'))}")
+        problems.append(f"config must be an object (the run's config), got {show_value(info.get('config'))}")
     if problems:
         raise _unreadable(ckpt, "trainer_state.json: " + "; ".join(problems))
     return info
 
 
 _LOOP_FIELDS = {   # LoopState field -> check, in words
-    "step": (_is_int, "an integer >= 0"),
-    "epoch": (_is_int, "an integer >= 0"),
-    "step_in_epoch": (_is_int, "an integer >= 0"),
-    "window_loss": (_is_number, "a finite number"),
-    "window_items": (_is_int, "an integer >= 0"),
-    "skipped": (_is_int, "an integer >= 0"),
+    "step": (is_count, "an integer >= 0"),
+    "epoch": (is_count, "an integer >= 0"),
+    "step_in_epoch": (is_count, "an integer >= 0"),
+    "window_loss": (is_scalar, "a finite number"),
+    "window_items": (is_count, "an integer >= 0"),
+    "skipped": (is_count, "an integer >= 0"),
     "eval_base": (lambda v: v is None or _is_metrics(v), "null or metrics with a finite loss"),
     "eval_final": (lambda v: v is None or _is_metrics(v), "null or metrics with a finite loss"),
-    "last_eval_step": (lambda v: v is None or _is_int(v), "null or an integer >= 0"),
-    "last_loss": (lambda v: v is None or _is_number(v), "null or a finite number"),
+    "last_eval_step": (lambda v: v is None or is_count(v), "null or an integer >= 0"),
+    "last_loss": (lambda v: v is None or is_scalar(v), "null or a finite number"),
 }
 
 
 def _is_metrics(v) -> bool:
-    return (isinstance(v, dict) and all(isinstance(k, str) for k in v) and _is_number(v.get("loss"))
+    return (isinstance(v, dict) and all(isinstance(k, str) for k in v) and is_scalar(v.get("loss"))
             and not isinstance(v.get("loss"), torch.Tensor)
             and all(isinstance(x, (int, float, list)) and not isinstance(x, bool) for x in v.values()))
 
@@ -370,7 +369,7 @@ def validate_state(state, ckpt: Checkpoint) -> dict:
         return _unreadable(ckpt, f"trainer_state.pt: {detail}")
 
     if not isinstance(state, dict):
-        raise bad(f"holds {_show(state)}, not an object of trainer states")
+        raise bad(f"holds {show_value(state)}, not an object of trainer states")
     odd = _odd_tensor(state)
     if odd is not None:
         raise bad(f"holds a {odd} tensor; a trainer state holds only plain dense tensors")
@@ -383,14 +382,14 @@ def validate_state(state, ckpt: Checkpoint) -> dict:
         raise bad("optimizer must be an object with 'state' and a non-empty list of 'param_groups'")
     indices = [i for g in opt["param_groups"]
                for i in (g.get("params") if isinstance(g.get("params"), list) else [None])]
-    if not all(_is_int(i) for i in indices) or indices != list(range(len(indices))):   # as torch numbers them
+    if not all(is_count(i) for i in indices) or indices != list(range(len(indices))):   # as torch numbers them
         raise bad("optimizer param_groups must number the parameters 0, 1, 2, ... in order")
     for i, entry in opt["state"].items():
         if i not in set(indices) or not isinstance(entry, dict) or not all(isinstance(k, str) for k in entry):
-            raise bad(f"optimizer state {_show(i)} is not the state of a parameter in its groups")
+            raise bad(f"optimizer state {show_value(i)} is not the state of a parameter in its groups")
     for name in ("schedule", "scaler"):
         if not isinstance(state[name], dict) or not all(isinstance(k, str) for k in state[name]):
-            raise bad(f"{name} must be an object, got {_show(state[name])}")
+            raise bad(f"{name} must be an object, got {show_value(state[name])}")
     rng = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
     if not rng:
         raise bad("rng holds no random state")
@@ -400,12 +399,12 @@ def validate_state(state, ckpt: Checkpoint) -> dict:
             raise bad(f"rng state {n}: {problem}")
     loop = state["loop"]
     if not isinstance(loop, dict):
-        raise bad(f"loop must be an object, got {_show(loop)}")
+        raise bad(f"loop must be an object, got {show_value(loop)}")
     for key, (ok, expect) in _LOOP_FIELDS.items():
         if key in loop and not ok(loop[key]):
-            raise bad(f"loop.{key} must be {expect}, got {_show(loop[key])}")
+            raise bad(f"loop.{key} must be {expect}, got {show_value(loop[key])}")
     if loop.get("step") != ckpt.step:
-        raise bad(f"loop.step must be {ckpt.step} (the directory's), got {_show(loop.get('step'))}")
+        raise bad(f"loop.step must be {ckpt.step} (the directory's), got {show_value(loop.get('step'))}")
     return state
 
 
@@ -448,141 +447,6 @@ def _rng_problem(state) -> str | None:
     return None
 
 
-def check_position(restored: Restored, steps_per_epoch: int, model: torch.nn.Module) -> None:
-    """The checkpoint must be a point this run passes: ``step`` = ``epoch`` x
-    steps_per_epoch + ``step_in_epoch``, with ``step_in_epoch`` < steps_per_epoch, and its
-    adapter scaled as the run's LoRA layers are (the config's lora.alpha)."""
-    from ..lora.inject import lora_layers
-
-    loop, fix = restored.loop, "delete this checkpoint directory to resume from the one before it"
-    if loop.step_in_epoch >= steps_per_epoch or loop.epoch * steps_per_epoch + loop.step_in_epoch != loop.step:
-        raise UserError(f"the checkpoint does not fit this run: trainer_state.pt: the loop position (step "
-                        f"{loop.step}, epoch {loop.epoch}, step {loop.step_in_epoch} in it) is not one of this run, "
-                        f"which has {steps_per_epoch} steps per epoch", where=str(restored.path), fix=fix)
-    layers = lora_layers(model)
-    for path, update in restored.adapter.updates.items():
-        layer = layers.get(path)
-        if layer is not None and not (math.isclose(update.alpha, layer.alpha) and
-                                      math.isclose(update.scaling, layer.scaling)):
-            raise UserError(f"the checkpoint does not fit this run: its adapter scales '{path}' by "
-                            f"{update.scaling:g} (alpha {update.alpha:g}), the run by {layer.scaling:g} "
-                            f"(lora.alpha {layer.alpha:g})", where=str(restored.path / "adapter"), fix=fix)
-
-
-def _kind(value):
-    """What a state entry is, for comparing a saved state with a fresh one."""
-    if isinstance(value, torch.Tensor):     # the schedule and the scaler keep plain numbers
-        return "tensor"
-    if value is None or isinstance(value, (bool, str)):
-        return type(value).__name__
-    if _is_number(value):
-        return "number"
-    if isinstance(value, (list, tuple)):
-        return ("list", tuple(_kind(v) for v in value))
-    return "other"
-
-
-def _same(a, b) -> bool:
-    """Equal settings: numbers by value (a tuple and a list alike), the rest by ==."""
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    if isinstance(a, bool) or isinstance(b, bool) or a is None or b is None:
-        return a is b
-    if _is_number(a) and _is_number(b) and not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor):
-        return float(a) == float(b)
-    return type(a) is type(b) and not isinstance(a, torch.Tensor) and a == b
-
-
-def _state_of_one_step(optimizer: torch.optim.Optimizer) -> dict | None:
-    """The per-parameter state ``optimizer``'s class keeps, taken from a copy that made one
-    step on a (2, 2) parameter (None if that cannot be done)."""
-    import inspect
-
-    try:
-        takes = inspect.signature(type(optimizer)).parameters
-        param = torch.nn.Parameter(torch.zeros(2, 2))
-        scratch = type(optimizer)([param], **{k: v for k, v in optimizer.defaults.items() if k in takes})
-        param.grad = torch.ones(2, 2)
-        scratch.step()
-        return scratch.state_dict()["state"].get(0, {})
-    except Exception:
-        return None
-
-
-def states_for(restored: Restored, optimizer: torch.optim.Optimizer, schedule,
-               scaler) -> tuple[dict, dict, dict | None]:
-    """The optimizer, schedule and scaler states of a checkpoint, checked against the
-    fresh ones of the resumed run: the same parameter groups and sizes, every state
-    tensor shaped as its parameter, the same settings (the config's: only the scheduled
-    lr moves), the schedule at the loop's step from the same base lr. Keys the run does
-    not have are left out; an empty scaler state (a run without float16 on CUDA) gives
-    None: the scaler starts fresh."""
-    def bad(detail: str) -> UserError:
-        return UserError(f"the checkpoint does not fit this run: trainer_state.pt: {detail}", where=str(restored.path),
-                         fix="delete this checkpoint directory to resume from the one before it, or start a "
-                             "new run with --overwrite")
-
-    saved, live = restored.state["optimizer"], optimizer.state_dict()
-    if len(saved["param_groups"]) != len(live["param_groups"]):
-        raise bad(f"{len(saved['param_groups'])} optimizer parameter groups, the run has {len(live['param_groups'])}")
-    # torch pairs the saved ids with this run's parameters group by group, in order
-    params = {i: p for g_saved, g in zip(saved["param_groups"], optimizer.param_groups)
-              for i, p in zip(g_saved["params"], g["params"])}
-    for g_saved, g_live in zip(saved["param_groups"], live["param_groups"]):
-        if len(g_saved["params"]) != len(g_live["params"]):
-            raise bad(f"an optimizer group of {len(g_saved['params'])} parameters, the run's has "
-                      f"{len(g_live['params'])}")
-        for key, value in g_live.items():
-            got = g_saved.get(key, "missing")
-            if key == "lr":
-                ok = _is_number(got) and not isinstance(got, torch.Tensor) and got >= 0
-            else:
-                ok = key == "params" or _same(got, value)
-            if not ok:
-                raise bad(f"optimizer setting {key!r} is {_show(got)}, the run's is {_show(value)}")
-    reference = _state_of_one_step(optimizer)      # what this optimizer keeps per parameter, for a (2, 2) one
-    for i, entry in saved["state"].items():
-        if i not in params:
-            raise bad(f"optimizer state for parameter {i}, which no parameter group lists")
-        shape = tuple(params[i].shape)      # whole, also for a sharded parameter: the state is stored whole
-        for key, ref in (reference or {}).items() if entry else ():   # an empty state starts afresh
-            value = entry.get(key, ...)
-            if isinstance(ref, torch.Tensor) and ref.dim() == 2:      # shaped like its parameter
-                ok = isinstance(value, torch.Tensor) and tuple(value.shape) == shape and not value.is_complex()
-                expect = f"a tensor of the parameter's shape {shape}"
-            elif isinstance(ref, torch.Tensor) or _is_number(ref):    # a count, like Adam's step
-                ok = (_is_number(value) and (not isinstance(value, torch.Tensor) or value.is_floating_point()))
-                expect = "a count (a number, or a one-element float tensor)"
-            else:                                                     # None: SGD without momentum
-                ok = value is None or (isinstance(value, torch.Tensor) and tuple(value.shape) == shape)
-                expect = f"null or a tensor of the parameter's shape {shape}"
-            if not ok:
-                raise bad(f"optimizer state {key!r} of parameter {i} is "
-                          f"{'missing' if value is ... else _show(value)}, not {expect}")
-    sched_live = schedule.state_dict()
-    sched = {}
-    for key, value in sched_live.items():
-        got = restored.state["schedule"].get(key, ...)
-        if key == "lr_lambdas":
-            ok = isinstance(got, list) and len(got) == len(value) and all(x is None for x in got)
-        elif key == "base_lrs":
-            ok = _same(got, value)
-        else:
-            ok = _kind(got) == _kind(value)
-        if not ok:
-            raise bad(f"schedule {key!r} is {_show(got if got is not ... else 'missing')}, not like {value!r}")
-        sched[key] = got
-    if sched.get("last_epoch") != restored.loop.step:
-        raise bad(f"the schedule is at step {sched.get('last_epoch')}, the loop at step {restored.loop.step}")
-    scaler_saved, scaler_live = restored.state["scaler"], scaler.state_dict()
-    if not scaler_saved or not scaler_live:
-        return saved, sched, None
-    for key, value in scaler_live.items():
-        if _kind(scaler_saved.get(key, ...)) != _kind(value):
-            raise bad(f"grad scaler {key!r} is {_show(scaler_saved.get(key, 'missing'))}")
-    return saved, sched, {k: scaler_saved[k] for k in scaler_live}
-
-
 def clean_partial(output_dir: str | os.PathLike) -> None:
     """Remove checkpoint directories a killed run left half-written."""
     root = Path(output_dir) / DIRNAME
@@ -609,93 +473,5 @@ def trim_metrics(path: Path, step: int) -> None:
         raise write_error(exc, path, "metrics.jsonl") from None
 
 
-# --- what a run reads: a resumed run must read the same ------------------------------------
-
-WHOLE_LIMIT = 64 * 2**20            # base weight files up to this size are hashed whole
-SAMPLES, SAMPLE_BYTES = 64, 64 * 2**10
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
-def _sha256_file(path: Path, *, sampled: bool) -> str:
-    """sha256 of a file's bytes, streamed in 1 MiB reads; with ``sampled`` (and a file over
-    WHOLE_LIMIT), of its size and SAMPLES blocks of SAMPLE_BYTES at evenly spaced offsets,
-    the first and the last included."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        size = os.fstat(fh.fileno()).st_size
-        if sampled and size > WHOLE_LIMIT:
-            h.update(f"sampled {size}".encode())
-            for i in range(SAMPLES):
-                fh.seek((size - SAMPLE_BYTES) * i // (SAMPLES - 1))
-                h.update(fh.read(SAMPLE_BYTES))
-        else:
-            for block in iter(lambda: fh.read(2**20), b""):
-                h.update(block)
-    return h.hexdigest()
-
-
-def input_fingerprints(files: dict[str, str | None]) -> dict[str, dict]:
-    """``{key: {"path", "sha256"}}`` for a run's inputs, e.g. ``{"data.train": "train.csv",
-    "model.base": "base.safetensors", "model.hf": "models/llama"}`` (None values are skipped;
-    a folder counts by its config.json and weight files).
-
-    Data files are hashed whole: one edited row anywhere changes what the run trains on,
-    and the run reads every byte of them anyway. Base weights are hashed whole up to
-    WHOLE_LIMIT (64 MiB); above it, by their size and 64 blocks of 64 KiB spread over the
-    file: another checkpoint of the same model differs in nearly every block, while a full
-    hash of a 15 GB base would add many seconds to every start and resume. An edit of a
-    few bytes between the samples of a large base goes unseen (as it does for the
-    adapter's base fingerprint, which samples tensor values). Modification times are not
-    used: copying or downloading the same file again changes them, not the run.
-    """
-    out = {}
-    for key, value in files.items():
-        if not value:
-            continue
-        path = Path(value)
-        weights = key.startswith("model.")
-        try:
-            if path.is_dir():
-                h = hashlib.sha256()
-                for f in sorted(path.iterdir()):
-                    if f.is_file() and (f.suffix in WEIGHT_SUFFIXES or f.name == "config.json"):
-                        h.update(f"{f.name}\0{_sha256_file(f, sampled=weights)}\0".encode())
-                digest = h.hexdigest()
-            else:
-                digest = _sha256_file(path, sampled=weights)
-        except OSError as exc:
-            raise UserError(f"cannot read it to fingerprint the run's inputs: {exc.strerror}", where=str(path),
-                            fix=f"check the file {key} names") from None
-        out[key] = {"path": str(path.resolve()), "sha256": digest}
-    return out
-
-
-def changed_inputs(info: dict, current: dict[str, dict], where: str | os.PathLike, *,
-                   allow: bool) -> list[str]:
-    """Compare a checkpoint's recorded inputs (``info`` is its trainer_state.json) with
-    ``current``; return notes. An input whose content changed (at the same path, or
-    read from another one) is a UserError naming it, unless ``allow``. A checkpoint without fingerprints (written by
-    an older lora-cli) passes with a note; one whose record is malformed does not."""
-    recorded = info.get("inputs")
-    if recorded is None:
-        return ["the checkpoint records no fingerprint of the data and base (an older lora-cli wrote it): "
-                "they cannot be checked for changes"]
-    valid = isinstance(recorded, dict) and all(
-        isinstance(v, dict) and isinstance(v.get("path"), str) and isinstance(v.get("sha256"), str)
-        for v in recorded.values())
-    if not valid:
-        raise UserError("checkpoint cannot be read: trainer_state.json has a malformed 'inputs' record",
-                        where=str(where), fix="delete this checkpoint directory to resume from the one before it")
-    changed = [f"{key} ({now['path']}" + (f", was {recorded[key]['path']})" if recorded[key]["path"] != now["path"]
-                                          else ")")
-               for key, now in current.items() if key in recorded and recorded[key]["sha256"] != now["sha256"]]
-    if not changed:
-        return []
-    names = ", ".join(changed)
-    if not allow:
-        raise UserError(f"cannot resume: {names} changed since the checkpoint was written, so the resumed run "
-                        "would not continue the same run", where=str(where),
-                        fix="restore the original file, start a new run with --overwrite, or pass "
-                            "--allow-changed-data to continue on the new content")
-    return [f"resuming with a changed {names} (--allow-changed-data): the rest of the run trains on the "
-            "new content"]

@@ -425,3 +425,8 @@ def gradient_bytes(model: nn.Module, world: World) -> int:
     if not world.distributed:
         return 0
     return sum(p.numel() * p.element_size() for p in inner(model).parameters() if p.requires_grad)
+
+
+def global_batch(cfg, workers: int) -> int:
+    """Examples per optimizer step over all workers: batch_size x grad_accum x workers."""
+    return cfg.train.batch_size * cfg.train.grad_accum * workers
