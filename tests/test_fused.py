@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from lora_cli.lora.kernel import keep_mask, shared_dropout
+from lora_cli.lora.kernel import keep_mask, sharing_dropout
 from lora_cli.lora.layers import wrap
 
 
@@ -44,8 +44,9 @@ def test_dropout_forward_and_gradients_match_the_textbook_with_the_same_mask():
     layer.lora_B.data = torch.randn(40, 4, dtype=torch.float64)
     layer.train()
     x = torch.randn(3, 5, 24, dtype=torch.float64, requires_grad=True)
-    out = layer(x)
-    _, keep, p_eff = shared_dropout._value
+    with sharing_dropout() as share:                           # to see the mask the layer drew
+        out = layer(x)
+        _, keep, p_eff = share._value
     grads = torch.autograd.grad(out.square().sum(), (x, layer.lora_A, layer.lora_B))
     ref = _textbook(layer, x, keep.view(x.shape), p_eff)
     ref_grads = torch.autograd.grad(ref.square().sum(), (x, layer.lora_A, layer.lora_B))
@@ -58,16 +59,18 @@ def test_layers_reading_the_same_input_share_one_mask():
     torch.manual_seed(3)
     q, k = (wrap(nn.Linear(16, 16), rank=2, alpha=4, dropout=0.5).train() for _ in range(2))
     x = torch.randn(8, 16)
-    q(x)
-    first = shared_dropout._value
-    k(x)
-    assert shared_dropout._value is first                      # same tensor: the mask is reused
-    x.add_(1.0)                                                 # changed in place: a new mask
-    k(x)
-    assert shared_dropout._value is not first
-    other = torch.randn(8, 16)
-    q(other)
-    assert not torch.equal(shared_dropout._value[1], first[1])
+    with sharing_dropout() as shared_dropout:
+        q(x)
+        first = shared_dropout._value
+        k(x)
+        assert shared_dropout._value is first                      # same tensor: the mask is reused
+        x.add_(1.0)                                                 # changed in place: a new mask
+        k(x)
+        assert shared_dropout._value is not first
+        other = torch.randn(8, 16)
+        q(other)
+        assert not torch.equal(shared_dropout._value[1], first[1])
+    assert shared_dropout._value is None                           # nothing is kept after the block
 
 
 def test_dropout_is_unbiased_on_average():
@@ -84,7 +87,30 @@ def test_dropout_is_unbiased_on_average():
 
 def test_eval_mode_and_zero_dropout_draw_no_mask():
     layer = wrap(nn.Linear(8, 8), rank=2, alpha=2, dropout=0.1)
-    shared_dropout.clear()
-    layer.eval()(torch.randn(2, 8))
-    wrap(nn.Linear(8, 8), rank=2, alpha=2).train()(torch.randn(2, 8))
-    assert shared_dropout._value is None
+    with sharing_dropout() as shared_dropout:
+        layer.eval()(torch.randn(2, 8))
+        wrap(nn.Linear(8, 8), rank=2, alpha=2).train()(torch.randn(2, 8))
+        assert shared_dropout._value is None
+
+
+def test_without_sharing_each_layer_draws_its_own_mask_as_peft_does():
+    """The default outside lora-train: q and k reading one input get independent masks."""
+    torch.manual_seed(5)
+    q, k = (wrap(nn.Linear(64, 64), rank=2, alpha=4, dropout=0.5).train() for _ in range(2))
+    for layer in (q, k):
+        layer.lora_B.data.normal_()
+    x = torch.randn(16, 64)
+    masks = []
+    real = torch.where
+
+    def spy(cond, *rest):
+        if cond.dtype == torch.bool and cond.shape == (16, 64):
+            masks.append(cond.clone())
+        return real(cond, *rest)
+
+    torch.where = spy
+    try:
+        q(x), k(x)
+    finally:
+        torch.where = real
+    assert len(masks) == 2 and not torch.equal(masks[0], masks[1])

@@ -101,7 +101,10 @@ def test_wrapping_shares_the_base_parameters_and_adds_only_two_factors():
     assert set(names) == {"weight", "bias", "lora_A", "lora_B"}
     assert layer.lora_A.shape == (4, 16) and layer.lora_B.shape == (8, 4)    # (r, in), (out, r)
     assert torch.count_nonzero(layer.lora_B) == 0 and torch.count_nonzero(layer.lora_A) > 0
-    assert layer.unload() is base and base.weight is layer.weight
+    plain = layer.unload()            # rebuilt from the shared parameters: the layer keeps no reference to base
+    assert type(plain) is type(base) and plain.weight is base.weight and plain.bias is base.bias
+    assert (plain.in_features, plain.out_features) == (base.in_features, base.out_features)
+    assert not any(v is base for v in vars(layer).values())
 
 
 def test_a_linear_without_bias_has_no_bias_key():

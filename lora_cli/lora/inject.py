@@ -16,7 +16,6 @@ from .layers import LoraEmbedding, LoraLayer, LoraLinear, wrap
 from .names import ALL_LINEAR, BIAS_CHOICES
 from .targets import resolve_modules_to_save, resolve_targets
 
-SPEC_ATTR = "_lora_cli_spec"
 
 
 @dataclass
@@ -67,8 +66,9 @@ def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
 
 
 def get_spec(model: nn.Module) -> LoraSpec | None:
-    """The LoraSpec of an adapted model, or None for a plain one."""
-    return getattr(model, SPEC_ATTR, None)
+    """The LoraSpec of an adapted model, or None for a plain one. Every LoRA layer holds
+    it, so a wrapper around the model (DDP, FSDP, a user's own) keeps it."""
+    return next((m.spec for m in model.modules() if isinstance(m, LoraLayer) and m.spec is not None), None)
 
 
 def apply_lora(model: nn.Module, *, rank: int, alpha: float,
@@ -104,13 +104,14 @@ def inject(model: nn.Module, spec: LoraSpec, ranks: dict[str, int] | None = None
     for path, rank in ranks.items():
         layer = wrap(model.get_submodule(path), rank=rank, alpha=spec.alpha, dropout=spec.dropout,
                      use_rslora=spec.use_rslora)
-        _set_submodule(model, path, layer)
+        set_submodule(model, path, layer)
     _set_trainable(model, spec)
-    setattr(model, SPEC_ATTR, spec)
+    for layer in lora_layers(model).values():
+        layer.spec = spec
     return model
 
 
-def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+def set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
     parent, _, leaf = path.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
 

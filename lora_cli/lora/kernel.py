@@ -18,12 +18,21 @@ dropped input, and only when dropout is on.
 Dropout draws its mask from 16-bit random lanes, four to a 64-bit draw, so the drop
 probability is p rounded to 1/65536 (within 1e-5 of p) and the survivors are scaled by
 exactly 1 / (1 - that). On a 2-core CPU a (1024, 512) mask takes 0.75 ms this way and
-F.dropout 2.7 ms. Layers that
-read the same input tensor (q, k and v; gate and up) share one mask: the input is
-dropped once, not once per layer.
+F.dropout 2.7 ms.
+
+Each layer draws its own mask, as PEFT's do, unless the caller asks otherwise: inside
+``with sharing_dropout():`` layers that read the very same input tensor (q, k and v;
+gate and up) share one mask and one dropped copy, so the input is dropped once, not once
+per layer. That is faster and lighter, and a different method (the three projections see
+the same dropped features), so it is a choice: lora-train makes it with
+``lora.dropout_shared``. The shared copy lives only inside the block.
 """
 
 from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
 
 import torch
 
@@ -43,7 +52,8 @@ class SharedDropout:
     """Dropout that reuses the last mask when the same, unchanged input comes again.
 
     q, k and v (or gate and up) are called one after the other on the very same tensor;
-    they get one mask and one dropped copy of it. Holds only the most recent input.
+    they get one mask and one dropped copy of it. Holds only the most recent input, and
+    only while :func:`sharing_dropout` is active.
     """
 
     def __init__(self):
@@ -65,7 +75,35 @@ class SharedDropout:
         self._key = self._value = None
 
 
-shared_dropout = SharedDropout()
+_SHARED: contextvars.ContextVar[SharedDropout | None] = contextvars.ContextVar("lora_cli_shared_dropout",
+                                                                             default=None)
+
+
+@contextlib.contextmanager
+def sharing_dropout(enabled: bool = True) -> Iterator[SharedDropout | None]:
+    """Within the block, LoRA layers that read the same input tensor share one dropout
+    mask and one dropped copy of the input (see the module docstring); it is all dropped
+    when the block ends. Yields the share (None with ``enabled=False``, which makes the
+    block do nothing)."""
+    if not enabled:
+        yield None
+        return
+    share = SharedDropout()
+    token = _SHARED.set(share)
+    try:
+        yield share
+    finally:
+        _SHARED.reset(token)
+        share.clear()
+
+
+def _dropped(x: torch.Tensor, x2: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(dropped x2, keep mask, effective p): shared when :func:`sharing_dropout` is on."""
+    share = _SHARED.get()
+    if share is not None:
+        return share(x, x2, p)
+    keep, p_eff = keep_mask(x2, p)
+    return torch.where(keep, x2, 0), keep, p_eff
 
 
 class LoraLinearFunction(torch.autograd.Function):
@@ -126,7 +164,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).to(dtype)                                            # (N, in)
     if dropout:
-        dropped, keep, p = shared_dropout(x, x2, dropout)
+        dropped, keep, p = _dropped(x, x2, dropout)
         scaling = scaling / (1.0 - p) if p < 1 else 0.0   # p = 1: the whole branch is dropped
     else:
         dropped, keep = x2, None

@@ -39,6 +39,10 @@ from torch import nn
 from .kernel import lora_linear
 
 
+# nn.Module's own bookkeeping: a rebuilt module gets fresh ones
+_MODULE_STATE = frozenset(vars(nn.Module()))
+
+
 def lora_scaling(rank: int, alpha: float, use_rslora: bool = False) -> float:
     """The factor s applied to the low-rank update: alpha / r, or alpha / sqrt(r) (rsLoRA)."""
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
@@ -58,17 +62,26 @@ class LoraLayer(nn.Module):
         super().__init__()
         if rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {rank}")
-        # Share the base's Parameter objects: no copy, same names in the state dict.
+        if any(True for _ in base.children()) or set(base._parameters) - {"weight", "bias"}:
+            raise TypeError(f"a {type(base).__name__} with sub-modules or other parameters than weight and bias "
+                            "cannot be adapted")
+        # Share the base's Parameter objects (and buffers): no copy, same state-dict names.
         self.weight = base.weight
         self.bias = getattr(base, "bias", None)
+        for name, buffer in base.named_buffers(recurse=False):
+            self.register_buffer(name, buffer, persistent=name not in base._non_persistent_buffers_set)
         self.rank = rank
         self.alpha = alpha
         self.use_rslora = use_rslora
         self.scaling = lora_scaling(rank, alpha, use_rslora)
         self.merged = False
-        # The original module, kept outside the module tree (no duplicate state-dict
-        # keys) so that unloading can give back exactly what was wrapped.
-        object.__setattr__(self, "_base_module", base)
+        self.spec = None            # the LoraSpec of the whole adaptation, set by inject()
+        # How to rebuild the wrapped module on unload: its class and its plain attributes
+        # (in_features, padding_idx, ...), never its tensors, which live here.
+        self._base_class = type(base)
+        self._base_params = list(base._parameters)   # ["weight", "bias"], bias None when it has none
+        self._base_attrs = {k: v for k, v in vars(base).items()
+                            if k not in _MODULE_STATE and not isinstance(v, (torch.Tensor, nn.Module))}
 
     def delta_weight(self) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError(f"{type(self).__name__} must define delta_weight()")
@@ -106,11 +119,16 @@ class LoraLayer(nn.Module):
         self.merged = False
 
     def unload(self) -> nn.Module:
-        """The wrapped module, holding the current (merged or not) base weights."""
-        base = self._base_module
-        base.weight = self.weight
-        if self.bias is not None:
-            base.bias = self.bias
+        """A module of the wrapped class again, holding the current (merged or not) base
+        weights: the same Parameter objects, so nothing is copied."""
+        base = self._base_class.__new__(self._base_class)
+        nn.Module.__init__(base)
+        vars(base).update(self._base_attrs)
+        for name in self._base_params:
+            base.register_parameter(name, getattr(self, name))
+        for name, buffer in self.named_buffers(recurse=False):
+            base.register_buffer(name, buffer, persistent=name not in self._non_persistent_buffers_set)
+        base.train(self.training)
         return base
 
     def extra_repr(self) -> str:

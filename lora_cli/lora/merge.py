@@ -22,7 +22,7 @@ from torch import nn
 
 from .adapter import Adapter
 from .errors import AdapterError
-from .inject import SPEC_ATTR, _set_submodule, lora_layers
+from .inject import set_submodule, lora_layers
 
 
 def merge_adapter(model: nn.Module) -> nn.Module:
@@ -45,9 +45,7 @@ def merge_adapter(model: nn.Module) -> nn.Module:
         module = layer.unload()
         for p in module.parameters():
             p.requires_grad_(False)
-        _set_submodule(model, path, module)
-    if hasattr(model, SPEC_ATTR):
-        delattr(model, SPEC_ATTR)
+        set_submodule(model, path, module)
     return model
 
 

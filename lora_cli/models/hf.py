@@ -12,6 +12,7 @@ chat rendering and decoding.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import re
@@ -32,9 +33,23 @@ def _transformers():
     except ImportError:
         raise ModelError("model.hf needs the transformers package", where="model.hf",
                          fix='install the extra: pip install -e ".[hf]"') from None
+    return transformers
+
+
+@contextlib.contextmanager
+def _quiet(transformers):
+    """transformers' warnings and progress bars off while it loads (lora-cli says what
+    matters itself), and as they were afterwards: a library leaves logging alone."""
+    verbosity = transformers.logging.get_verbosity()
+    bars = getattr(transformers.utils.logging, "is_progress_bar_enabled", lambda: True)()
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    return transformers
+    try:
+        yield
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        if bars:
+            transformers.logging.enable_progress_bar()
 
 
 NO_REMOTE_CODE = {"local_files_only": True, "trust_remote_code": False}
@@ -161,12 +176,31 @@ def load_tokenizer(path: str | os.PathLike) -> HFTokenizer:
     transformers = _transformers()
     path = _check_dir(path, transformers)
     try:
-        tok = transformers.AutoTokenizer.from_pretrained(str(path), **NO_REMOTE_CODE)
+        with _quiet(transformers):
+            tok = transformers.AutoTokenizer.from_pretrained(str(path), **NO_REMOTE_CODE)
     except Exception as exc:   # a damaged directory fails in many ways inside transformers
         raise _custom_code_error(exc, path) or ModelError(
             f"cannot load the tokenizer: {exc}", where=str(path),
             fix="the directory needs the tokenizer files saved with the model") from None
     return HFTokenizer(tok)
+
+
+def _from_pretrained(transformers, path: Path, task: str, label_map: dict[str, int] | None, pad_id: int | None,
+                     kwargs: dict) -> nn.Module:
+    """The model class the task needs, loaded from ``path``."""
+    if task == "causal_lm":
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    elif task == "classification":
+        labels = sorted(label_map, key=label_map.__getitem__)
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(
+            str(path), num_labels=len(labels), id2label=dict(enumerate(labels)),
+            label2id=dict(label_map), **kwargs)
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = pad_id
+    else:
+        raise ModelError(f"task {task!r} is not available for Hugging Face models", where="task",
+                         fix="use task: causal_lm or classification with model.hf")
+    return model
 
 
 def load_model(path: str | os.PathLike, *, task: str, label_map: dict[str, int] | None = None,
@@ -179,18 +213,8 @@ def load_model(path: str | os.PathLike, *, task: str, label_map: dict[str, int] 
     dtype_key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"     # renamed in 4.56
     kwargs = {**NO_REMOTE_CODE, dtype_key: torch.float32}
     try:
-        if task == "causal_lm":
-            model = transformers.AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
-        elif task == "classification":
-            labels = sorted(label_map, key=label_map.__getitem__)
-            model = transformers.AutoModelForSequenceClassification.from_pretrained(
-                str(path), num_labels=len(labels), id2label=dict(enumerate(labels)),
-                label2id=dict(label_map), **kwargs)
-            if model.config.pad_token_id is None:
-                model.config.pad_token_id = pad_id
-        else:
-            raise ModelError(f"task {task!r} is not available for Hugging Face models", where="task",
-                             fix="use task: causal_lm or classification with model.hf")
+        with _quiet(transformers):
+            model = _from_pretrained(transformers, path, task, label_map, pad_id, kwargs)
     except ModelError:
         raise
     except pickle.UnpicklingError:

@@ -159,6 +159,15 @@ def load_heldout(cfg: Config, path: str | None = None, *, label_map: dict | None
     return Datasets(None, held, tokenizer=tok, label_map=label_map, features=features)
 
 
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """torch's RNG seeded for the block and as it was after it: model initialisation
+    (random heads, LoRA's A) is reproducible without touching the caller's generator."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 def build_base(cfg: Config, data: Datasets, *, search_path: str | os.PathLike | None = None,
                weights: str | os.PathLike | None = None, expect: dict[str, tuple[int, ...]] | None = None,
                exact: bool = True) -> tuple[nn.Module, dict, list[str]]:
@@ -171,9 +180,13 @@ def build_base(cfg: Config, data: Datasets, *, search_path: str | os.PathLike | 
     fingerprint; with ``exact=False`` only its size), so that sizes that do not fit are
     refused before anything is allocated.
     """
+    with seeded(cfg.seed):
+        return _build_base(cfg, data, search_path=search_path, weights=weights, expect=expect, exact=exact)
+
+
+def _build_base(cfg: Config, data: Datasets, *, search_path, weights, expect, exact) -> tuple[nn.Module, dict, list[str]]:
     m, notes = cfg.model, []
     args = dict(m.args)
-    torch.manual_seed(cfg.seed)
     if m.hf:
         from ..models import hf
         model = hf.load_model(weights or m.hf, task=cfg.task, label_map=data.label_map,
@@ -210,12 +223,13 @@ def _hf_modules_to_save(cfg: Config, model: nn.Module, notes: list[str]) -> list
 def build(cfg: Config, *, search_path: str | os.PathLike | None = None) -> Built:
     """Data, base model and LoRA layers for ``cfg``, on the configured device."""
     data = load_data(cfg)
-    model, args, notes = build_base(cfg, data, search_path=search_path)
     lo = cfg.lora
-    saved = _hf_modules_to_save(cfg, model, notes) if cfg.model.hf else lo.modules_to_save
-    apply_lora(model, rank=lo.rank, alpha=lo.alpha, target_modules=lo.target_modules, dropout=lo.dropout,
-               use_rslora=lo.use_rslora, bias=lo.bias, modules_to_save=saved,
-               exclude_modules=lo.exclude_modules)
+    with seeded(cfg.seed):          # one seeded stream: the base's random parts, then LoRA's A
+        model, args, notes = _build_base(cfg, data, search_path=search_path, weights=None, expect=None, exact=True)
+        saved = _hf_modules_to_save(cfg, model, notes) if cfg.model.hf else lo.modules_to_save
+        apply_lora(model, rank=lo.rank, alpha=lo.alpha, target_modules=lo.target_modules, dropout=lo.dropout,
+                   use_rslora=lo.use_rslora, bias=lo.bias, modules_to_save=saved,
+                   exclude_modules=lo.exclude_modules)
     wasted = [(path, layer) for path, layer in lora_layers(model).items() if layer.rank > min(layer.weight.shape)]
     if wasted:
         path, layer = wasted[0]

@@ -92,6 +92,9 @@ class LoraSection:
     rank: int = _field(8, "Rank r of the update B @ A (>= 1).")
     alpha: float = _field(16.0, "Scale numerator: the update is multiplied by alpha / r (> 0).")
     dropout: float = _field(0.0, "Dropout on the LoRA branch input, 0 <= x < 1.")
+    dropout_shared: bool = _field(
+        True, "With dropout: layers reading the same input (q, k, v; gate, up) share one mask, dropped once "
+        "(faster, less memory); false draws one mask per layer, as PEFT does.")
     target_modules: list[str] | str = _field(
         choices.TARGET_ALL_LINEAR, "Layers to adapt: a list of names, a regex, or 'all-linear'.")
     exclude_modules: list[str] = _field([], "Layer names never adapted, even if targeted.")

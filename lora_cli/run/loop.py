@@ -34,7 +34,7 @@ from ..errors import UserError
 from ..lora.adapter import WEIGHTS_NAME, adapter_keys, write_adapter
 from ..lora.adapter_config import adapter_config
 from ..lora.files import remove, write_error
-from ..lora.kernel import shared_dropout
+from ..lora.kernel import sharing_dropout
 from . import checkpoint as ckpt
 from . import distributed as dist
 from .build import autocast_for, batches
@@ -181,7 +181,6 @@ class Run:
         if data.eval is not None and loop.last_eval_step != loop.step:
             loop.eval_final = self.evaluate()
         self.reporter.finish()
-        shared_dropout.clear()   # it holds the last dropped activation
         return time.perf_counter() - started
 
     def step(self, group: list[tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]]) -> Step:
@@ -199,7 +198,7 @@ class Run:
         for i, (inputs, target, keep) in enumerate(group):
             inputs, target = inputs.to(device), target.to(device)
             with dist.gradient_sync(self.engine, world, enabled=i == len(group) - 1):
-                with self.autocast():
+                with self.autocast(), sharing_dropout(cfg.lora.dropout_shared):
                     output = forward(self.engine, inputs)
                     loss = loss_fn(cfg.task, output, target, reduction="sum") * scale
                 scaler.scale(loss).backward()

@@ -168,11 +168,13 @@ def train(cfg: Config, *, reporter: Reporter | None = None, overwrite: bool = Fa
     ``world`` is this worker's place in a multi-worker run (see :mod:`lora_cli.run.distributed`);
     every worker calls ``train`` and gets the same result, rank 0 writes the files.
     ``config_file`` is the YAML file ``cfg`` was read from: like the data and the base,
-    it is never overwritten.
+    it is never overwritten. torch's random generators are the caller's again afterwards.
     """
     reporter = (reporter or _Silent()) if world.is_main else _Silent()
     out = Path(cfg.output_dir)
-    with dist.peer_failures(world), contextlib.ExitStack() as held:
+    cuda = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    # the run seeds torch's generators for itself (dropout masks); the caller's are as they were after it
+    with dist.peer_failures(world), contextlib.ExitStack() as held, torch.random.fork_rng(devices=cuda):
         world.on_main(lambda: own_output_dir(held, out))
         start = world.on_main(lambda: resume_point(out, cfg, resume))
 
