@@ -43,18 +43,20 @@ from .checks import show
 from .errors import AdapterError
 from .fingerprint import base_tensors, check_fingerprint
 from .files import put_in_place, remove, temp_path, write_error, write_synced
-from .inject import LoraSpec, inject, lora_layers, lora_parameters, require_spec, trainable_biases
+from .inject import LoraSpec, inject, lora_layers, require_spec, trained_tensors
 from .targets import name_matches
-from .layers import LoraEmbedding, lora_scaling
+from .layers import lora_delta, lora_scaling
+from .names import FACTORS
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 PREFIX = "base_model.model."
 HEADER_KEY = "adapter_config"
-LORA_SUFFIXES = {  # tensor-key suffix -> (factor, layout family)
-    ".lora_A.weight": ("A", "linear"), ".lora_B.weight": ("B", "linear"),
-    ".lora_embedding_A": ("A", "embedding"), ".lora_embedding_B": ("B", "embedding"),
-}
+# PEFT's key suffix of each factor: ".lora_A.weight" (its lora_A is a Linear), ".lora_embedding_A"
+FILE_SUFFIX = {layout: tuple(f".{name}.weight" if layout != "embedding" else f".{name}" for name in names)
+               for layout, names in FACTORS.items()}
+LORA_SUFFIXES = {suffix: ("AB"[i], "embedding" if layout == "embedding" else "linear")   # suffix -> (factor, family)
+                 for layout, suffixes in FILE_SUFFIX.items() for i, suffix in enumerate(suffixes)}
 
 
 # --- the adapter in memory ------------------------------------------------------------
@@ -74,9 +76,8 @@ class LowRankUpdate:
         return int(self.A.shape[0])
 
     def delta(self) -> torch.Tensor:
-        """s * B @ A in float32, transposed for Conv1D and embeddings."""
-        d = (self.B.float() @ self.A.float()) * self.scaling   # (out, in) / (dim, num)
-        return d if self.layout == "linear" else d.t()
+        """s * B @ A in float32, in the layout of the base weight (:func:`lora_delta`)."""
+        return lora_delta(self.A, self.B, self.scaling, self.layout)
 
     def weight_shape(self) -> tuple[int, int]:
         out, inp = int(self.B.shape[0]), int(self.A.shape[1])
@@ -106,18 +107,11 @@ def adapter_keys(model: nn.Module) -> dict[str, str]:
     keys: dict[str, str] = {}
     layers = lora_layers(model)
     for path, layer in layers.items():
-        if isinstance(layer, LoraEmbedding):
-            keys[f"{PREFIX}{path}.lora_embedding_A"] = f"{path}.lora_embedding_A"
-            keys[f"{PREFIX}{path}.lora_embedding_B"] = f"{path}.lora_embedding_B"
-        else:
-            keys[f"{PREFIX}{path}.lora_A.weight"] = f"{path}.lora_A"
-            keys[f"{PREFIX}{path}.lora_B.weight"] = f"{path}.lora_B"
-    for path in trainable_biases(model, spec):
-        key = f"{path}.base_layer.bias" if path in layers else f"{path}.bias"
-        keys[PREFIX + key] = f"{path}.bias" if path else "bias"
-    for path in spec.modules_to_save:
-        for name in model.get_submodule(path).state_dict():
-            keys[f"{PREFIX}{path}.{name}"] = f"{path}.{name}"
+        for name, suffix in zip(FACTORS[layer.layout], FILE_SUFFIX[layer.layout]):
+            keys[f"{PREFIX}{path}{suffix}"] = f"{path}.{name}"
+    for key in trained_tensors(model, spec):   # PEFT names an adapted layer's own bias "<path>.base_layer.bias"
+        path = key.removesuffix(".bias")
+        keys[PREFIX + (f"{path}.base_layer.bias" if key.endswith(".bias") and path in layers else key)] = key
     return keys
 
 
@@ -341,7 +335,7 @@ def load_adapter(model: nn.Module, path_or_adapter, *, check_base: bool = True) 
     spec = LoraSpec(rank=int(config.get("r", 8)), alpha=float(config.get("lora_alpha", 8)),
                     dropout=float(config.get("lora_dropout") or 0.0), use_rslora=bool(config.get("use_rslora")),
                     bias=config.get("bias", "none"), targets=list(adapter.updates), modules_to_save=saved)
-    declared = _declared_trained(model, spec)
+    declared = set(trained_tensors(model, spec))
     missing = sorted(declared - set(adapter.replacements))
     if missing:
         raise AdapterError(f"the adapter's config says '{missing[0]}' was trained ({spec.bias=!s}, "
@@ -369,7 +363,7 @@ def load_adapter_weights(model: nn.Module, adapter: Adapter) -> nn.Module:
     with torch.no_grad():
         for path, update in adapter.updates.items():
             layer = layers[path]
-            a, b = lora_parameters(layer)
+            a, b = layer.factors
             if a.shape != update.A.shape or b.shape != update.B.shape:
                 raise AdapterError(f"'{path}' has rank {layer.rank} in the model, {update.rank} in the adapter",
                                    where=adapter.source, fix="use the same lora.rank as the adapter")
@@ -382,18 +376,3 @@ def load_adapter_weights(model: nn.Module, adapter: Adapter) -> nn.Module:
                                    where=adapter.source)
             state[key].copy_(t)
     return model
-
-
-def _declared_trained(model: nn.Module, spec: LoraSpec) -> set[str]:
-    """State-dict keys an adapter with ``spec`` must hold besides its LoRA factors:
-    every tensor of its modules_to_save, and the biases its ``bias`` option trains."""
-    keys = {f"{p}.{n}" for p in spec.modules_to_save for n in model.get_submodule(p).state_dict()}
-    if spec.bias == "none":
-        return keys
-    paths = spec.targets if spec.bias == "lora_only" else [p for p, _ in model.named_modules()]
-    for path in paths:
-        module = model.get_submodule(path)
-        if isinstance(getattr(module, "bias", None), nn.Parameter) and not any(
-                path == s or path.startswith(s + ".") for s in spec.modules_to_save):
-            keys.add(f"{path}.bias" if path else "bias")
-    return keys

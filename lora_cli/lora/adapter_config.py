@@ -23,7 +23,6 @@ from .errors import AdapterError
 from .fingerprint import base_fingerprint, recorded_fingerprint_problem
 from .inject import lora_layers, require_spec
 from .targets import name_matches
-from .layers import LoraEmbedding
 from .names import LAYOUTS
 
 
@@ -40,8 +39,7 @@ def adapter_config(model: nn.Module, *, base_model_name_or_path: str | None = No
     """adapter_config.json for ``model``: PEFT's LoRA fields plus lora-cli's metadata."""
     spec = require_spec(model)
     layers = lora_layers(model)
-    layouts = {p: "embedding" if isinstance(m, LoraEmbedding) else ("conv1d" if m.fan_in_fan_out else "linear")
-               for p, m in layers.items()}
+    layouts = {p: m.layout for p, m in layers.items()}
     ranks = {p: m.rank for p, m in layers.items()}
     alphas = {p: m.alpha for p, m in layers.items()}
     return {

@@ -33,7 +33,7 @@ from torch import nn
 
 from .checks import entries, show
 from .errors import AdapterError
-from .inject import lora_layers, require_spec, trainable_biases
+from .inject import lora_layers, require_spec, trained_tensors
 
 if TYPE_CHECKING:
     from .adapter import Adapter
@@ -140,10 +140,7 @@ def fingerprint_mismatches(expected: Mapping, tensors: Iterable[tuple[str, objec
 def base_fingerprint(model: nn.Module) -> dict:
     """The fingerprint of an adapted model's base: its frozen tensors by value, and the
     tensors training changes (modules_to_save, trained biases) by shape and dtype."""
-    spec = require_spec(model)
-    trained = [f"{p}.bias" for p in trainable_biases(model, spec)]
-    trained += [f"{p}.{n}" for p in spec.modules_to_save for n in model.get_submodule(p).state_dict()]
-    return fingerprint(base_tensors(model), trained=trained)
+    return fingerprint(base_tensors(model), trained=trained_tensors(model, require_spec(model)))
 
 
 def base_tensors(model: nn.Module) -> Iterable[tuple[str, torch.Tensor]]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .errors import AdapterError, TargetError
-from .layers import LoraEmbedding, LoraLayer, LoraLinear, wrap
+from .layers import LoraLayer, wrap
 from .names import ALL_LINEAR, BIAS_CHOICES
 from .targets import resolve_modules_to_save, resolve_targets
 
@@ -121,7 +121,7 @@ def _set_trainable(model: nn.Module, spec: LoraSpec) -> None:
         p.requires_grad_(False)
     layers = lora_layers(model)
     for layer in layers.values():
-        for p in lora_parameters(layer):
+        for p in layer.factors:
             p.requires_grad_(True)
     for path, module in trainable_biases(model, spec).items():
         module.bias.requires_grad_(True)
@@ -130,22 +130,24 @@ def _set_trainable(model: nn.Module, spec: LoraSpec) -> None:
             p.requires_grad_(True)
 
 
-def lora_parameters(layer: LoraLayer) -> list[nn.Parameter]:
-    """The low-rank factors of one LoRA layer (A first, then B)."""
-    if isinstance(layer, LoraEmbedding):
-        return [layer.lora_embedding_A, layer.lora_embedding_B]
-    assert isinstance(layer, LoraLinear), type(layer)
-    return [layer.lora_A, layer.lora_B]
-
-
 def trainable_biases(model: nn.Module, spec: LoraSpec) -> dict[str, nn.Module]:
-    """Modules whose bias is trained under ``spec.bias``: none, all, or LoRA layers only."""
+    """Modules whose bias is trained under ``spec.bias``: none, all, or the adapted ones
+    only (``spec.targets``: before injection as after), never inside modules_to_save."""
     if spec.bias == "none":
         return {}
-    modules = lora_layers(model) if spec.bias == "lora_only" else dict(model.named_modules())
-    return {path: m for path, m in modules.items()
-            if isinstance(getattr(m, "bias", None), nn.Parameter)
+    modules = dict(model.named_modules())
+    paths = spec.targets if spec.bias == "lora_only" else list(modules)
+    return {path: modules[path] for path in paths
+            if isinstance(getattr(modules[path], "bias", None), nn.Parameter)
             and not any(path == s or path.startswith(s + ".") for s in spec.modules_to_save)}
+
+
+def trained_tensors(model: nn.Module, spec: LoraSpec) -> list[str]:
+    """State-dict keys of the tensors besides the LoRA factors that train under ``spec``
+    (and that an adapter holds): its trained biases, and every tensor of its
+    modules_to_save. The same before injection and after it."""
+    keys = [f"{p}.bias" if p else "bias" for p in trainable_biases(model, spec)]
+    return keys + [f"{p}.{n}" for p in spec.modules_to_save for n in model.get_submodule(p).state_dict()]
 
 
 # --- the report -----------------------------------------------------------------------
@@ -157,10 +159,8 @@ def summarize(model: nn.Module) -> AdaptSummary:
     trainable = sum(p.numel() for p in params if p.requires_grad)
     rows = []
     for path, layer in lora_layers(model).items():
-        kind = "embedding" if isinstance(layer, LoraEmbedding) else \
-            ("conv1d" if layer.fan_in_fan_out else "linear")
-        count = sum(p.numel() for p in lora_parameters(layer))
-        rows.append(AdaptedModule(path, kind, tuple(layer.weight.shape), layer.rank, count))
+        count = sum(p.numel() for p in layer.factors)
+        rows.append(AdaptedModule(path, layer.layout, tuple(layer.weight.shape), layer.rank, count))
     spec = get_spec(model)
     for path in spec.modules_to_save if spec else ():
         module = model.get_submodule(path)

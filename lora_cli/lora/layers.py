@@ -37,10 +37,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kernel import lora_linear
+from .names import FACTORS
 
 
 # nn.Module's own bookkeeping: a rebuilt module gets fresh ones
 _MODULE_STATE = frozenset(vars(nn.Module()))
+
+
+def lora_delta(A: torch.Tensor, B: torch.Tensor, scaling: float, layout: str) -> torch.Tensor:
+    """s * B @ A in float32, laid out like the adapted weight: (out, in) for a Linear,
+    (in, out) for a Conv1D, (num, dim) for an Embedding (whose A is (r, num), B (dim, r))."""
+    delta = (B.float() @ A.float()) * scaling        # (out, in), or (dim, num)
+    return delta if layout == "linear" else delta.t()
 
 
 def lora_scaling(rank: int, alpha: float, use_rslora: bool = False) -> float:
@@ -51,8 +59,8 @@ def lora_scaling(rank: int, alpha: float, use_rslora: bool = False) -> float:
 class LoraLayer(nn.Module):
     """What every LoRA layer shares: the wrapped module, the scale, merge bookkeeping.
 
-    Subclasses set ``lora_A``/``lora_B`` (or the embedding pair) and implement
-    :meth:`delta_weight`, the update in the layout of ``weight``.
+    Subclasses set their two factors (``lora_A``/``lora_B``, or the embedding pair:
+    names.FACTORS) and their ``layout``.
     """
 
     weight: nn.Parameter
@@ -83,8 +91,18 @@ class LoraLayer(nn.Module):
         self._base_attrs = {k: v for k, v in vars(base).items()
                             if k not in _MODULE_STATE and not isinstance(v, (torch.Tensor, nn.Module))}
 
-    def delta_weight(self) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError(f"{type(self).__name__} must define delta_weight()")
+    layout: str        # "linear", "conv1d" or "embedding" (see lora_cli.lora.names.LAYOUTS)
+
+    @property
+    def factors(self) -> tuple[nn.Parameter, nn.Parameter]:
+        """(A, B), whatever their parameter names in this layout (names.FACTORS)."""
+        a, b = FACTORS[self.layout]
+        return getattr(self, a), getattr(self, b)
+
+    def delta_weight(self) -> torch.Tensor:
+        """s * B @ A in float32, laid out like ``weight`` (see :func:`lora_delta`)."""
+        A, B = self.factors
+        return lora_delta(A, B, self.scaling, self.layout)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -164,10 +182,9 @@ class LoraLinear(LoraLayer):
         return lora_linear(x, weight, self.bias, self.lora_A, self.lora_B, self.scaling,
                            self.dropout if self.training else 0.0)
 
-    def delta_weight(self) -> torch.Tensor:
-        """s * B @ A in float32, laid out like ``weight``: (out, in), or (in, out) for Conv1D."""
-        delta = (self.lora_B.float() @ self.lora_A.float()) * self.scaling   # (out, in)
-        return delta.t() if self.fan_in_fan_out else delta
+    @property
+    def layout(self) -> str:
+        return "conv1d" if self.fan_in_fan_out else "linear"
 
 
 class LoraEmbedding(LoraLayer):
@@ -198,9 +215,7 @@ class LoraEmbedding(LoraLayer):
         update = h @ self.lora_embedding_B.t()                    # (..., dim)
         return out + self.scaling * update.to(out.dtype)
 
-    def delta_weight(self) -> torch.Tensor:
-        """s * (B @ A)^T in float32: (num, dim), the layout of the embedding table."""
-        return (self.lora_embedding_B.float() @ self.lora_embedding_A.float()).t() * self.scaling
+    layout = "embedding"
 
 
 def is_conv1d(module: nn.Module) -> bool:

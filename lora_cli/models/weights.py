@@ -16,9 +16,9 @@ from torch import nn
 
 from ..errors import ModelError
 from ..lora.layers import LoraLayer
+from ..lora.names import FACTORS
 from ..lora.weight_files import check_finite, read_state_dict
 
-LORA_PARAM_NAMES = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
 SHOW = 10  # how many keys of each kind an error message lists
 
 
@@ -28,7 +28,7 @@ def _lora_keys(model: nn.Module) -> set[str]:
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer):
             prefix = f"{name}." if name else ""
-            keys.update(prefix + p for p in LORA_PARAM_NAMES if hasattr(module, p))
+            keys.update(prefix + p for p in FACTORS[module.layout])
     return keys
 
 
