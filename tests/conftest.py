@@ -16,6 +16,8 @@ another seed. All biases and norms are random so that bias handling is visible.
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -228,3 +230,13 @@ def write_lm_run(root, pairs: list[tuple[str, str]], *, eval_every_nth: int, see
     }
     (root / "config.yaml").write_text(yaml.safe_dump(config))
     return root
+
+
+FAULTS = Path(__file__).resolve().parent / "faults"
+
+
+def fault_env(point: str) -> dict:
+    """Environment for a subprocess that lora-cli must die in at ``point`` (see
+    tests/faults/sitecustomize.py): the fault module first on PYTHONPATH."""
+    path = os.pathsep.join(p for p in (str(FAULTS), os.environ.get("PYTHONPATH", "")) if p)
+    return {"PYTHONPATH": path, "LORA_CLI_TEST_FAULT": point}

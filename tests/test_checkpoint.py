@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import write_lm_run
+from conftest import fault_env, write_lm_run
 from lora_cli.run.checkpoint import trim_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,7 +79,7 @@ def reference(project: Path, tmp_path_factory) -> Path:
 @pytest.mark.slow
 @pytest.mark.parametrize("fault", ["ckpt-write:8", "ckpt-write:16"])
 def test_sigkill_during_checkpoint_write_then_resume_matches(project: Path, reference: Path, fault: str):
-    killed = lora_train(project, env={"LORA_CLI_FAULT": fault})
+    killed = lora_train(project, env=fault_env(fault))
     assert killed.returncode == -signal.SIGKILL
     step = int(fault.split(":")[1])
     ckpts = sorted(p.name for p in (project / "run" / "checkpoints").iterdir())

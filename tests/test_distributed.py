@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from conftest import write_lm_run
+from conftest import fault_env, write_lm_run
 from lora_cli.run import distributed as dist
 from lora_cli.run.checkpoint import checkpoints
 from lora_cli.run.config import config_from_dict, config_to_dict
@@ -257,7 +257,7 @@ def test_a_checkpoint_resumes_on_another_number_of_workers_and_strategy(project,
         return lora_train(project, f"output_dir={out}", *batch, *launch, *extra,
                           *([f"train.strategy={strategy}"] if strategy != "single" else []), env=env)
 
-    crashed = run(first, env={"LORA_CLI_FAULT": "ckpt-write:4"})
+    crashed = run(first, env=fault_env("ckpt-write:4"))
     assert crashed.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL), crashed.stderr
     assert [c.step for c in checkpoints(project / out)] == [2]        # step 4 was cut short
     resumed = run(then, "--resume")

@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 
 from test_errors import (  # noqa: F401  (proj and trained are fixtures)
     assert_user_error, csv_text, describe, invoke, proj, save_mlp_base, trained)
+from conftest import fault_env
 from lora_cli.lora.adapter import read_adapter
 from lora_cli.errors import UserError
 from lora_cli.lora.files import remove_stale_temps, temp_path
@@ -542,7 +543,7 @@ def test_two_concurrent_runs_on_one_folder_one_trains_the_other_exits_2(proj: Pa
 def test_a_merge_killed_mid_write_leaves_a_temp_that_the_next_merge_removes(trained: Path):
     (trained / "out").mkdir()
     killed = lora_cli(trained, "merge", "base.safetensors", "run/adapter", "-o", "out/merged.safetensors",
-                      env={"LORA_CLI_FAULT": "merge-write"})
+                      env=fault_env("merge-write"))
     assert killed.returncode == -signal.SIGKILL
     left = [p.name for p in (trained / "out").iterdir()]
     assert len(left) == 1 and left[0].startswith(".merged.safetensors.tmp-")

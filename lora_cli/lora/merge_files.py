@@ -16,7 +16,6 @@ import errno
 import json
 import os
 import shutil
-import signal
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -322,20 +321,11 @@ def _write_safetensors(path: Path, specs: Mapping[str, tuple[tuple[int, ...], to
     out_specs = {k: (shape, out_dtype(d)) for k, (shape, d) in specs.items()}
     out_specs.update({k: (tuple(t.shape), t.dtype) for k, t in (extra or {}).items()})
     with SafetensorsWriter(path, out_specs, metadata=metadata or {"format": "pt"}) as writer:
-        for i, (key, t) in enumerate(items):
+        for key, t in items:
             writer.write(key, merged(key, t))
-            if i == 0:
-                _maybe_fault("merge-write")
         for key, t in (extra or {}).items():
             writer.write(key, t)
     return len(out_specs)
-
-
-def _maybe_fault(point: str) -> None:
-    """Fault injection for the tests: LORA_CLI_FAULT=merge-write kills this process with
-    SIGKILL after the first tensor of a merge is written. Unset in normal use."""
-    if os.environ.get("LORA_CLI_FAULT") == point:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _update_model_config(directory: Path, adapters: Sequence[Adapter]) -> None:

@@ -34,7 +34,6 @@ import os
 import pickle
 import random
 import re
-import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,9 +47,6 @@ DIRNAME = "checkpoints"
 UNSAVED = "unsaved-adapter.pt"
 _STEP_DIR = re.compile(r"step_(\d+)")
 
-# Fault injection for the resume tests: "ckpt-write:N" kills this process with SIGKILL
-# halfway through writing the checkpoint of step N. Unset in normal use.
-_FAULT_ENV = "LORA_CLI_FAULT"
 
 
 @dataclass
@@ -159,7 +155,6 @@ def save_checkpoint(output_dir: str | os.PathLike, *, step: int, epoch: int, ada
         tmp.mkdir()
         write_adapter(tmp / "adapter", adapter_config, adapter_tensors)
         write_synced(tmp / "trainer_state.pt", lambda f: torch.save(state, f))
-        _maybe_fault("ckpt-write", step)
         info = {"step": step, "epoch": epoch, "workers": workers, "config": config,
                 **({"inputs": inputs} if inputs else {})}
         write_synced(tmp / "trainer_state.json", lambda f: f.write(json.dumps(info, indent=2).encode()))
@@ -174,11 +169,6 @@ def save_checkpoint(output_dir: str | os.PathLike, *, step: int, epoch: int, ada
         for old in checkpoints(output_dir)[:-keep_last]:
             remove(old.path)
     return final
-
-
-def _maybe_fault(point: str, step: int) -> None:
-    if os.environ.get(_FAULT_ENV) == f"{point}:{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass
