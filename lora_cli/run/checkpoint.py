@@ -32,7 +32,6 @@ import json
 import math
 import os
 import pickle
-import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,12 +40,12 @@ import torch
 
 from ..lora.adapter import Adapter, parse_adapter, read_adapter, write_adapter
 from ..errors import UserError
+from .rng import rng_problem
 from ..lora.files import put_in_place, remove, temp_path, write_atomic, write_error, write_synced
 
 DIRNAME = "checkpoints"
 UNSAVED = "unsaved-adapter.pt"
 _STEP_DIR = re.compile(r"step_(\d+)")
-
 
 
 @dataclass
@@ -80,62 +79,6 @@ def checkpoints(output_dir: str | os.PathLike) -> list[Checkpoint]:
         if m and d.is_dir() and (d / "trainer_state.json").exists():
             found.append(Checkpoint(d, int(m.group(1))))
     return sorted(found, key=lambda c: c.step)
-
-
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": _py_state(random.getstate())}
-    if torch.cuda.is_available():      # this worker's own GPU: another machine may have fewer
-        state["cuda"] = torch.cuda.get_rng_state()
-    try:
-        import numpy
-        state["numpy"] = _py_state(numpy.random.get_state(legacy=False))
-    except ImportError:
-        pass
-    return state
-
-
-def _py_state(state):
-    """RNG states as plain lists/dicts (weights_only loads no tuples of arbitrary objects)."""
-    if isinstance(state, tuple):
-        return {"__tuple__": [_py_state(s) for s in state]}
-    if isinstance(state, dict):
-        return {k: _py_state(v) for k, v in state.items()}
-    if hasattr(state, "tolist"):
-        return state.tolist()
-    return state
-
-
-def _py_unstate(state):
-    if isinstance(state, dict) and "__tuple__" in state:
-        return tuple(_py_unstate(s) for s in state["__tuple__"])
-    if isinstance(state, dict):
-        return {k: _py_unstate(v) for k, v in state.items()}
-    if isinstance(state, list):
-        return tuple(_py_unstate(s) for s in state)
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(_py_unstate(state["python"]))
-    if "cuda" in state and torch.cuda.is_available():
-        if isinstance(state["cuda"], (list, tuple)):     # written by lora-cli <= 0.1: every GPU's
-            torch.cuda.set_rng_state_all(state["cuda"])
-        else:
-            torch.cuda.set_rng_state(state["cuda"])
-    if "numpy" in state:
-        import numpy
-        numpy.random.set_state(_numpy_state(_py_unstate(state["numpy"])))
-
-
-def _numpy_state(state):
-    import numpy
-    if isinstance(state, dict):   # legacy=False form: {'bit_generator': ..., 'state': {...}}
-        inner = state.get("state", {})
-        if isinstance(inner.get("key"), tuple):
-            inner = {**inner, "key": numpy.array(inner["key"], dtype=numpy.uint32)}
-            state = {**state, "state": inner}
-    return state
 
 
 def save_checkpoint(output_dir: str | os.PathLike, *, step: int, epoch: int, adapter_config: dict,
@@ -384,7 +327,7 @@ def validate_state(state, ckpt: Checkpoint) -> dict:
     if not rng:
         raise bad("rng holds no random state")
     for n, one in enumerate(rng):
-        problem = _rng_problem(one)
+        problem = rng_problem(one)
         if problem:
             raise bad(f"rng state {n}: {problem}")
     loop = state["loop"]
@@ -412,31 +355,6 @@ def _odd_tensor(tree, depth: int = 0) -> str | None:
     return next((odd for odd in (_odd_tensor(c, depth + 1) for c in children) if odd is not None), None)
 
 
-def _rng_problem(state) -> str | None:
-    """Why an RNG state cannot be restored (tried on fresh generators), or None."""
-    if not isinstance(state, dict) or "torch" not in state or "python" not in state:
-        return "must be an object with 'torch' and 'python' states"
-    try:
-        t = state["torch"]
-        if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or t.dim() != 1:
-            return "torch: must be a 1-D uint8 tensor"
-        torch.Generator().set_state(t)
-        random.Random().setstate(_py_unstate(state["python"]))
-        if "cuda" in state:
-            cuda = state["cuda"] if isinstance(state["cuda"], (list, tuple)) else [state["cuda"]]
-            if not all(isinstance(c, torch.Tensor) and c.dtype == torch.uint8 for c in cuda):
-                return "cuda: must be uint8 tensors"
-        if "numpy" in state:
-            try:
-                import numpy
-            except ImportError:
-                return None
-            numpy.random.RandomState().set_state(_numpy_state(_py_unstate(state["numpy"])))
-    except (TypeError, ValueError, KeyError, IndexError, RuntimeError, OverflowError, AttributeError) as exc:
-        return f"not a state the generator accepts ({str(exc).strip()[:120] or type(exc).__name__})"
-    return None
-
-
 def clean_partial(output_dir: str | os.PathLike) -> None:
     """Remove checkpoint directories a killed run left half-written."""
     root = Path(output_dir) / DIRNAME
@@ -461,7 +379,4 @@ def trim_metrics(path: Path, step: int) -> None:
         write_atomic(path, lambda f: f.write("".join(k + "\n" for k in kept).encode()))
     except OSError as exc:
         raise write_error(exc, path, "metrics.jsonl") from None
-
-
-
 

@@ -41,6 +41,7 @@ from .build import autocast_for, batches
 from .config import config_to_dict
 from .evaluate import evaluate, forward, ignore_rows, loss_fn, loss_items
 from .meta import adapter_metadata, peft_fields
+from .rng import rng_state, set_rng_state
 
 
 class TrainingError(UserError):
@@ -141,7 +142,7 @@ class Run:
             self.scaler.load_state_dict(scaler)
         self.loop = restored.loop
         if len(restored.rng) == self.world.size:
-            ckpt.set_rng_state(restored.rng[self.world.rank])
+            set_rng_state(restored.rng[self.world.rank])
         else:
             torch.manual_seed(self.cfg.seed + self.world.rank + 7919 * self.loop.step)
             if self.cfg.lora.dropout > 0:
@@ -328,7 +329,7 @@ class Run:
     def trainer_state(self) -> dict:
         """Optimizer, schedule, scaler, RNG and loop state, whole (every worker takes part)."""
         return {"optimizer": dist.full_optimizer_state(self.optimizer), "schedule": self.schedule.state_dict(),
-                "scaler": self.scaler.state_dict(), "rng": self.world.gather(ckpt.rng_state()),
+                "scaler": self.scaler.state_dict(), "rng": self.world.gather(rng_state()),
                 "loop": dict(self.loop.__dict__)}
 
     def checkpoint(self) -> Path:
