@@ -19,7 +19,6 @@ import typer
 from .choices import DTYPES
 from .errors import UserError
 
-
 EXAMPLE_WIDTH = 76
 
 
@@ -144,9 +143,9 @@ def train_command(
         raise UserError("missing CONFIG, the run's YAML config", where="lora-train",
                         fix="lora-train CONFIG [KEY=VALUE ...]; lora-train --list-configs lists the example "
                             "configs, lora-train --init NAME copies one")
+    from .console import show_plan
     from .run import distributed as dist
     from .run.config import load_config
-    from .console import show_plan
 
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other", fix="pass one of them")
@@ -194,8 +193,8 @@ def _examples_command(dest: Optional[Path], extra: Optional[List[str]], list_con
 def _launch_workers(cfg, config: Path, overrides, workers: int, *, overwrite: bool, resume: bool,
                     allow_changed_data: bool = False) -> None:
     """Start ``workers`` copies of this command on this machine; exit as the run ended."""
-    from .run.checkpoint import checkpoints
     from .console import show_error
+    from .run.checkpoint import checkpoints
     from .run.launch import launch
 
     flags = [("--overwrite", overwrite), ("--resume", resume), ("--allow-changed-data", allow_changed_data)]
@@ -231,8 +230,8 @@ def _train_here(cfg, config: Path, overrides, *, world=None, **kwargs) -> None:
 def _train_worker(cfg, config: Path, overrides, **kwargs) -> None:
     """One worker of a torchrun (or --nproc-per-node) run. Rank 0 reports; a worker that
     stops because another failed says so in one line and exits with PEER_FAILED."""
-    from .run import distributed as dist
     from .console import err, show_error
+    from .run import distributed as dist
     from .run.build import resolve_device
 
     world = dist.join(cfg.train.strategy, resolve_device(cfg.device))
@@ -326,10 +325,10 @@ def merge_command(
     version: bool = _version_option(),
 ) -> None:
     """Fold LoRA adapters into base weights: W' = W + weight * (alpha/r) * B @ A."""
-    from .lora.adapter import read_adapter
     from .console import show_merge, show_model_code, show_verification
-    from .run.compare import prepare_verification
+    from .lora.adapter import read_adapter
     from .lora.merge_files import merge_checkpoint
+    from .run.compare import prepare_verification
     from .run.meta import CodeChoice
     from .run.meta import model_code as allowed_code
 

@@ -11,8 +11,17 @@ Every user mistake is a :class:`~lora_cli.errors.DataError` whose ``where`` is
 classes) name the file only.
 """
 
-from .batches import (IGNORE_INDEX, boundaries, describe, epoch_order, num_batches, split, tabular_batch,
-                      text_batch, text_class_batch)
+from .batches import (
+                      IGNORE_INDEX,
+                      boundaries,
+                      describe,
+                      epoch_order,
+                      num_batches,
+                      split,
+                      tabular_batch,
+                      text_batch,
+                      text_class_batch,
+)
 from .tabular import TABULAR_TASKS, TabularData, load_tabular
 from .text import INSTRUCTION_TEMPLATE, TextClassData, TextData, load_text, load_text_classification, with_bos
 

@@ -16,7 +16,6 @@ from ..errors import DataError
 from .tabular import TabularData
 from .text import TextClassData, TextData
 
-
 IGNORE_INDEX = -100
 """Label value for positions that carry no loss (prompt tokens and padding)."""
 

@@ -15,7 +15,6 @@ from ..errors import DataError
 from .labels import class_ids, known_label
 from .read import check_suffix, read_text, show, suggest, table
 
-
 _F32_MAX = float(torch.finfo(torch.float32).max)
 
 

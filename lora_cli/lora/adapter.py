@@ -41,12 +41,12 @@ from torch import nn
 from .adapter_config import DAMAGED, adapter_config, parse_config_json, read_config_text, validate_adapter_config
 from .checks import show
 from .errors import AdapterError
-from .fingerprint import base_tensors, check_fingerprint
 from .files import put_in_place, remove, temp_path, write_error, write_synced
+from .fingerprint import base_tensors, check_fingerprint
 from .inject import LoraSpec, inject, lora_layers, require_spec, trained_tensors
-from .targets import name_matches
 from .layers import lora_delta, lora_scaling
 from .names import FACTORS
+from .targets import name_matches
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"

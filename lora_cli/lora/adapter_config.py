@@ -22,8 +22,8 @@ from .checks import entries, is_int, is_number, is_str_list, nul_at, show, simpl
 from .errors import AdapterError
 from .fingerprint import base_fingerprint, recorded_fingerprint_problem
 from .inject import lora_layers, require_spec
-from .targets import name_matches
 from .names import LAYOUTS
+from .targets import name_matches
 
 
 def _peft_target_modules(model: nn.Module, targets: list[str]) -> list[str]:

@@ -17,7 +17,6 @@ from .names import ALL_LINEAR, BIAS_CHOICES
 from .targets import resolve_modules_to_save, resolve_targets
 
 
-
 @dataclass
 class LoraSpec:
     """How a model was adapted: the options, and the module paths they resolved to."""

@@ -39,7 +39,6 @@ from torch import nn
 from .kernel import lora_linear
 from .names import FACTORS
 
-
 # nn.Module's own bookkeeping: a rebuilt module gets fresh ones
 _MODULE_STATE = frozenset(vars(nn.Module()))
 

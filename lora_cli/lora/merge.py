@@ -22,7 +22,7 @@ from torch import nn
 
 from .adapter import Adapter
 from .errors import AdapterError
-from .inject import set_submodule, lora_layers
+from .inject import lora_layers, set_submodule
 
 
 def merge_adapter(model: nn.Module) -> nn.Module:

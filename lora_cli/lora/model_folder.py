@@ -11,10 +11,9 @@ import json
 import os
 from pathlib import Path
 
-from .errors import ModelError
 from .checks import show
+from .errors import ModelError
 from .files import inside
-
 
 INDEX_NAME = "model.safetensors.index.json"
 

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import ModelError
 from .checks import is_int, show
+from .errors import ModelError
 
 DTYPE_CODES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",

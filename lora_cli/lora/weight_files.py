@@ -27,7 +27,6 @@ from .files import write_atomic, write_error
 from .names import DTYPE_NAMES
 from .safetensors_io import read_header
 
-
 SAFETENSORS_SUFFIXES = (".safetensors",)
 
 

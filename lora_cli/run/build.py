@@ -25,6 +25,7 @@ from ..models import build_model, check_built_in_fits, infer_args, load_base_wei
 from ..models.tokenizers import ByteTokenizer
 from .config import Config
 
+
 @dataclass
 class Datasets:
     """Training and (optional) held-out data, with what the model needs to know of them."""

@@ -38,10 +38,10 @@ from pathlib import Path
 
 import torch
 
-from ..lora.adapter import Adapter, parse_adapter, read_adapter, write_adapter
 from ..errors import UserError
-from .rng import rng_problem
+from ..lora.adapter import Adapter, parse_adapter, read_adapter, write_adapter
 from ..lora.files import put_in_place, remove, temp_path, write_atomic, write_error, write_synced
+from .rng import rng_problem
 
 DIRNAME = "checkpoints"
 UNSAVED = "unsaved-adapter.pt"

@@ -16,8 +16,8 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .distributed import PEER_FAILED
 from ..errors import UserError
+from .distributed import PEER_FAILED
 
 INTERRUPTED = (128 + signal.SIGINT, 128 + signal.SIGTERM)
 

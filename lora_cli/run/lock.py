@@ -17,7 +17,6 @@ from pathlib import Path
 
 from ..errors import UserError
 
-
 LOCK_NAME = ".lora-cli.lock"
 
 

@@ -25,7 +25,6 @@ from ..models import module_origin
 from .config import Config, config_from_dict, config_to_dict
 from .validate import CLASS_PATH
 
-
 PEFT_TASKS = {"CAUSAL_LM": "causal_lm", "SEQ_CLS": "classification"}
 
 

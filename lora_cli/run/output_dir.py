@@ -24,7 +24,6 @@ from . import checkpoint as ckpt
 from .config import Config, dump_config
 from .lock import run_lock
 
-
 OWNED = ("adapter", "config.yaml", "metrics.jsonl", ckpt.DIRNAME, ckpt.UNSAVED)   # what a run writes into output_dir
 
 

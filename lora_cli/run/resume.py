@@ -30,7 +30,6 @@ from .checkpoint import Restored, is_scalar, show_value
 from .config import Config, config_from_dict, diff_fields
 from .distributed import global_batch
 
-
 # Config fields a resumed run may change; any other change is refused. grad_accum changes
 # with the number of workers, so that the global batch stays the checkpoint's.
 RESUMABLE_CHANGES = ("device", "train.epochs", "train.max_steps", "train.log_every", "train.eval_every",

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import yaml
 
-
 # A config is a few hundred values: these limits are generous, and keep a hostile file
 # (an alias bomb: 1 KB that expands to billions of values; nesting 50,000 deep) from
 # taking minutes and gigabytes, or a RecursionError.
