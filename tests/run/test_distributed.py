@@ -28,7 +28,7 @@ from lora_cli.run.launch import Failure, explain
 from lora_cli.run.train import train
 from lora_cli.run.resume import resume_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 WEIGHTS = "adapter_model.safetensors"
 
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from conftest import fault_env, write_lm_run
 from lora_cli.run.checkpoint import trim_metrics
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 from lora_cli.cli import app
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
 
 

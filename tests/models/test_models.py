@@ -17,7 +17,7 @@ from lora_cli.models import (
     save_state_dict,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TINY_GPT = {"vocab_size": 257, "max_seq_len": 32, "n_layer": 2, "n_head": 2, "d_model": 32}
 
 

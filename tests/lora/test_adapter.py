@@ -28,7 +28,7 @@ from lora_cli.errors import AdapterError, TargetError
 from lora_cli.lora.inject import get_spec, lora_layers
 from lora_cli.lora.merge import merge_adapter
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests/fixtures/lora-cli-0.1.0"
 TARGETS = ["q_proj", "v_proj", "down_proj", "embed_tokens"]
 LINEAR = [f"layers.{i}.self_attn.{leaf}" for i in range(N_LAYER) for leaf in ("q_proj", "v_proj")] \
