@@ -286,6 +286,9 @@ def parse_args(argv=None):
     p.add_argument("--dropouts", default="0,0.05", type=lambda s: [float(x) for x in s.split(",")])
     p.add_argument("--variants", default="floor,full,peft,ours", type=lambda s: s.split(","))
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads in every worker")
+    p.add_argument("--independent-masks", action="store_true",
+                   help="ours draws one dropout mask per layer (lora.dropout_shared: false); default: layers "
+                        "reading one input share a mask, as lora-train does by default")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cli-config", default="configs/quickstart.yaml", help="tier C config (relative to the repo)")
     args = p.parse_args(argv)
@@ -303,7 +306,8 @@ def main(argv=None) -> int:
     result = {"machine": machine(args.threads),
               "settings": {"repeats": args.repeats, "threads": args.threads, "seed": args.seed, "dtype": "float32",
                            "device": "cpu", "adamw": ADAMW, "parity_rtol": PARITY_RTOL,
-                           "tiers": args.tier, "quick": args.quick, "variants": args.variants},
+                           "tiers": args.tier, "quick": args.quick, "variants": args.variants,
+                           "dropout_shared": not args.independent_masks},
               "rows": [], "cli": None}
     print(header(result), flush=True)
     all_runs = []
@@ -316,7 +320,8 @@ def main(argv=None) -> int:
             for variant, i in order:
                 if variant not in args.variants:
                     continue
-                cfg = {**group["base"], **(group["loras"][i] if i is not None else {}), "variant": variant}
+                cfg = {**group["base"], **(group["loras"][i] if i is not None else {}), "variant": variant,
+                       "dropout_shared": not args.independent_masks}
                 r = run_worker(cfg, env)
                 runs[variant, i].append(r)
                 all_runs.append(r)

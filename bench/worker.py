@@ -7,7 +7,8 @@ Prints one line ``RESULT {json}`` on stdout. The variants:
     floor  frozen base, forward + input gradients only (no LoRA, no optimizer)
     full   every parameter trained with AdamW
     peft   peft.get_peft_model with a LoraConfig
-    ours   lora_cli.apply_lora
+    ours   lora_cli.apply_lora (its step inside sharing_dropout(), as lora-train's, unless
+           "dropout_shared" is false: then each layer draws its own mask, as PEFT's do)
 
 Everything that could differ between tools is fixed here, once: the base weights (seeded
 construction, checksummed), the LoRA start (A uniform(+-1/sqrt(in)) as nn.Linear's
@@ -20,6 +21,7 @@ Imports are done per variant, so peak RSS shows what each tool really loads.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -163,10 +165,16 @@ def run(cfg: dict) -> dict:
     opt = torch.optim.AdamW(params, **ADAMW) if params else None
     rss_model = peak_rss_mb()
 
+    if cfg["variant"] == "ours":      # as lora-train runs a step: with lora.dropout_shared as set
+        from lora_cli.lora.kernel import sharing_dropout
+        share = lambda: sharing_dropout(cfg.get("dropout_shared", True))   # noqa: E731
+    else:
+        share = contextlib.nullcontext
     times, losses = [], []
     for step in range(cfg["warmup"] + cfg["steps"]):
         t0 = time.perf_counter()
-        loss = loss_fn(model, step)
+        with share():
+            loss = loss_fn(model, step)
         loss.backward()
         if opt is not None:
             opt.step()
