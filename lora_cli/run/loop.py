@@ -192,8 +192,11 @@ class Run:
         lr = self.optimizer.param_groups[0]["lr"]            # the schedule moves it on after this step
         group = [(x, ignore_rows(cfg.task, y, keep), keep) for (x, y), keep in group]
         count = sum(loss_items(cfg.task, y) for _, y, _ in group)                # targets are on the host
-        n_items = world.sum([count])[0] if world.distributed else count
-        scale = world.size / max(1.0, n_items)
+        if world.distributed:      # the count over all workers stays on the device: no host sync
+            total = world.sum_tensor(torch.tensor(float(count), dtype=torch.float64, device=device))
+            scale = (world.size / total.clamp(min=1.0)).float()
+        else:
+            scale = 1.0 / max(1.0, count)
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         items = 0
         for i, (inputs, target, keep) in enumerate(group):
