@@ -38,7 +38,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapter_config import DAMAGED, adapter_config, parse_config_json, read_config_text, validate_adapter_config
+from .adapter_config import (DAMAGED, adapter_config, check_original_base, parse_config_json, read_config_text,
+                             validate_adapter_config)
 from .checks import show
 from .errors import AdapterError
 from .files import put_in_place, remove, temp_path, write_error, write_synced
@@ -252,6 +253,7 @@ def parse_adapter(config: dict, tensors: Mapping[str, torch.Tensor], *, source: 
     config = validate_adapter_config(config, config_source or source)
     if config.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"not a LoRA adapter (peft_type {show(config.get('peft_type'))})", where=source)
+    check_original_base(config, config_source or source)
     for flag in ("use_dora",):
         if config.get(flag):
             raise AdapterError(f"adapters with {flag}=true are not supported", where=source,

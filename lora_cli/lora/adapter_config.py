@@ -169,6 +169,43 @@ _LORA_CLI_FIELDS = {
 }
 
 
+# PEFT initialisations that rewrite the base weight (W - s B0 A0 for PiSSA/OLoRA/CorDA/
+# LoRA-GA, a quantized residual for LoftQ): an adapter saved with one of these, and not
+# converted, applies to that rewritten base only, never to the base as published.
+RESIDUAL_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+
+def residual_init(value) -> str | None:
+    """The residual-base initialisation ``init_lora_weights`` names ("pissa" also for
+    "pissa_niter_K"), or None when the adapter applies to the untouched base."""
+    if not isinstance(value, str):
+        return None
+    name = value.lower()
+    return next((init for init in RESIDUAL_INITS if name == init or name.startswith(init + "_niter_")), None)
+
+
+def check_original_base(config: Mapping, where: str) -> None:
+    """Refuse an adapter that only applies to a residual base (see RESIDUAL_INITS).
+
+    Applied to the original base it would give a different model (PEFT itself needs the
+    rewritten base it saved beside such an adapter), so it is never silently misapplied.
+    """
+    init = residual_init(config.get("init_lora_weights"))
+    if init is None:
+        return
+    if init == "loftq":
+        fix = ("LoftQ adapters apply to the quantized residual base PEFT made; merge it with PEFT against that base, "
+               "or train a plain LoRA adapter")
+    else:
+        fix = ("convert it with PEFT to an adapter for the original base: save it with "
+               "model.save_pretrained(out, path_initial_model_for_weight_conversion=<the adapter as initialised, "
+               "saved before training>), which writes a rank-2r adapter with init_lora_weights=true; "
+               "adapters lora-train writes with lora.init_lora_weights: " + init + " are converted already")
+    raise AdapterError(f"this adapter was saved with init_lora_weights={config.get('init_lora_weights')!r} and "
+                       "not converted: it applies only to the residual base PEFT rewrote at initialisation, "
+                       "not to the original base model", where=where, fix=fix)
+
+
 def validate_adapter_config(config, where: str) -> dict:
     """An adapter's config (adapter_config.json, or the copy in the safetensors header)
     checked against every field lora-cli reads: PEFT's (r, lora_alpha, bias, patterns,
