@@ -59,7 +59,7 @@ def adapter_config(model: nn.Module, *, base_model_name_or_path: str | None = No
         "inference_mode": True,
         "rank_pattern": {p: r for p, r in ranks.items() if r != spec.rank},
         "alpha_pattern": {p: a for p, a in alphas.items() if a != spec.alpha},
-        "use_dora": False,
+        "use_dora": spec.use_dora,
         "lora_cli": {
             "version": __version__,
             "modules": layouts,

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .errors import AdapterError, TargetError
-from .layers import LoraLayer, wrap
+from .dora import DoraLinear
+from .layers import LoraLayer, is_conv1d, is_linear, wrap
 from .names import ALL_LINEAR, BIAS_CHOICES
 from .targets import resolve_modules_to_save, resolve_targets
 
@@ -28,6 +29,7 @@ class LoraSpec:
     bias: str = "none"
     targets: list[str] = field(default_factory=list)          # adapted module paths
     modules_to_save: list[str] = field(default_factory=list)  # fully trained module paths
+    use_dora: bool = False                                    # DoRA layers (lora_cli.lora.dora) on Linear/Conv1D
 
 
 @dataclass
@@ -73,12 +75,13 @@ def get_spec(model: nn.Module) -> LoraSpec | None:
 def apply_lora(model: nn.Module, *, rank: int, alpha: float,
                target_modules: str | Sequence[str] = ALL_LINEAR, dropout: float = 0.0,
                use_rslora: bool = False, bias: str = "none", modules_to_save: Sequence[str] = (),
-               exclude_modules: Sequence[str] = ()) -> nn.Module:
-    """Adapt ``model`` in place with LoRA and freeze everything else; returns it."""
+               exclude_modules: Sequence[str] = (), use_dora: bool = False) -> nn.Module:
+    """Adapt ``model`` in place with LoRA (DoRA with ``use_dora``) and freeze everything
+    else; returns it."""
     targets = resolve_targets(model, target_modules, exclude_modules)
     saved = resolve_modules_to_save(model, modules_to_save, targets)
     spec = LoraSpec(rank=rank, alpha=alpha, dropout=dropout, use_rslora=use_rslora, bias=bias,
-                    targets=targets, modules_to_save=saved)
+                    targets=targets, modules_to_save=saved, use_dora=use_dora)
     return inject(model, spec)
 
 
@@ -100,9 +103,17 @@ def inject(model: nn.Module, spec: LoraSpec, ranks: dict[str, int] | None = None
         if rank > max(shape):
             raise TargetError(f"rank {rank} is larger than '{path}' allows ({shape}: at most {max(shape)})",
                               where="lora.rank", fix=f"use lora.rank <= {max(shape)}, or exclude '{path}'")
+        if spec.use_dora and not is_linear(model.get_submodule(path)):
+            raise TargetError(f"DoRA is not available for '{path}' ({type(model.get_submodule(path)).__name__}): "
+                              "only Linear and Conv1D layers have a DoRA form here", where="lora.use_dora",
+                              fix=f"exclude '{path}' from lora.target_modules, or set lora.use_dora: false")
     for path, rank in ranks.items():
-        layer = wrap(model.get_submodule(path), rank=rank, alpha=spec.alpha, dropout=spec.dropout,
-                     use_rslora=spec.use_rslora)
+        module = model.get_submodule(path)
+        if spec.use_dora:
+            layer = DoraLinear(module, rank, spec.alpha, spec.dropout, spec.use_rslora,
+                               fan_in_fan_out=is_conv1d(module))
+        else:
+            layer = wrap(module, rank=rank, alpha=spec.alpha, dropout=spec.dropout, use_rslora=spec.use_rslora)
         set_submodule(model, path, layer)
     _set_trainable(model, spec)
     for layer in lora_layers(model).values():
@@ -120,7 +131,7 @@ def _set_trainable(model: nn.Module, spec: LoraSpec) -> None:
         p.requires_grad_(False)
     layers = lora_layers(model)
     for layer in layers.values():
-        for p in layer.factors:
+        for p in layer.lora_parameters:
             p.requires_grad_(True)
     for path, module in trainable_biases(model, spec).items():
         module.bias.requires_grad_(True)
@@ -158,7 +169,7 @@ def summarize(model: nn.Module) -> AdaptSummary:
     trainable = sum(p.numel() for p in params if p.requires_grad)
     rows = []
     for path, layer in lora_layers(model).items():
-        count = sum(p.numel() for p in layer.factors)
+        count = sum(p.numel() for p in layer.lora_parameters)
         rows.append(AdaptedModule(path, layer.layout, tuple(layer.weight.shape), layer.rank, count))
     spec = get_spec(model)
     for path in spec.modules_to_save if spec else ():

@@ -101,6 +101,9 @@ class LoraSection:
     use_rslora: bool = _field(False, "Rank-stabilised scaling alpha / sqrt(r) instead of alpha / r.")
     bias: str = _field("none", "Biases to train: none, all, or lora_only (biases of adapted layers).")
     modules_to_save: list[str] = _field([], "Non-LoRA modules trained in full and saved with the adapter.")
+    use_dora: bool = _field(
+        False, "DoRA: a trained magnitude per output row rescales W + s B A (Linear and Conv1D layers; "
+        "embeddings are refused).")
 
 
 @dataclass(kw_only=True)
