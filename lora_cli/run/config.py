@@ -135,6 +135,9 @@ class TrainSection:
         "ddp", "With several workers (--nproc-per-node N, or torchrun): ddp gives each a whole model and "
         "averages the adapter's gradients; fsdp also splits the frozen base across them. "
         "A single process ignores it.")
+    loraplus_lr_ratio: float | None = _field(
+        None, "LoRA+: the B factors (lora_B, lora_embedding_B) learn at lr x this, A and the rest at lr "
+        "(> 0; the paper suggests 16); null: off.")
 
 
 @dataclass(kw_only=True)

@@ -74,6 +74,7 @@ RULES: dict[str, Rule] = {
     "train.resume": Rule(choices=choices.RESUME),
     "train.on_nan": Rule(choices=choices.ON_NAN),
     "train.num_threads": Rule(min=1, max=4096),
+    "train.loraplus_lr_ratio": Rule(min=0, max=_F32_MAX, min_open=True),
 }
 
 
