@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -229,16 +230,20 @@ def read_adapter(path: str | os.PathLike) -> Adapter:
     return parse_adapter(config, tensors, source=str(path), config_source=where)
 
 
-def _pattern_lookup(patterns: Mapping | None):
-    """PEFT's rank/alpha pattern lookup: the value of the first key (in the file's order)
-    that names the module (the module path, or a dotted suffix of it). Each lookup costs
-    the path's depth, not the number of patterns."""
-    order = {key: i for i, key in enumerate(patterns or {})}
+def _pattern_lookup(patterns: Mapping | None, key: str, source: str):
+    """PEFT's rank/alpha pattern lookup (:func:`lora_cli.lora.targets.pattern_value`: the
+    first key, read as a regex, that matches the module path or its dotted end), with the
+    keys compiled once; a key that is no regex is an AdapterError."""
+    compiled = []
+    for k, v in (patterns or {}).items():
+        try:
+            compiled.append((re.compile(rf"(.*\.)?({k})"), v))
+        except (re.error, OverflowError, RecursionError) as exc:
+            raise AdapterError(f"{key}: key {show(k)} is not a valid regular expression ({exc})",
+                               where=source, fix=DAMAGED) from None
 
     def lookup(path: str, default):
-        parts = path.split(".")
-        hits = [s for s in (".".join(parts[i:]) for i in range(len(parts))) if s in order]
-        return patterns[min(hits, key=order.__getitem__)] if hits else default
+        return next((v for rx, v in compiled if rx.fullmatch(path)), default)
     return lookup
 
 
@@ -289,7 +294,8 @@ def parse_adapter(config: dict, tensors: Mapping[str, torch.Tensor], *, source: 
         else:   # PEFT names an adapted layer's own tensors "<path>.base_layer.<name>"
             replacements[rest.replace(".base_layer.", ".")] = t
     alpha, rank = config.get("lora_alpha", 8), config.get("r", 8)
-    rank_of, alpha_of = _pattern_lookup(config.get("rank_pattern")), _pattern_lookup(config.get("alpha_pattern"))
+    rank_of = _pattern_lookup(config.get("rank_pattern"), "rank_pattern", config_source or source)
+    alpha_of = _pattern_lookup(config.get("alpha_pattern"), "alpha_pattern", config_source or source)
     updates = {}
     for path, pair in factors.items():
         if set(pair) != {"A", "B"}:

@@ -104,6 +104,15 @@ class LoraSection:
     use_dora: bool = _field(
         False, "DoRA: a trained magnitude per output row rescales W + s B A (Linear and Conv1D layers; "
         "embeddings are refused).")
+    rank_pattern: dict = _field(
+        {}, "Per-module ranks, {name or regex: rank}: a key matches a module path that equals it or ends with "
+        "'.key' (PEFT's matching; the first matching key wins); others get lora.rank.")
+    alpha_pattern: dict = _field({}, "Per-module alphas, {name or regex: alpha}, matched as rank_pattern.")
+    layers_to_transform: list[int] | int | None = _field(
+        None, "Adapt only the targets in these layer indices (>= 0); null: every layer.")
+    layers_pattern: list[str] | str | None = _field(
+        None, "The name of the model's list of layers before the index (layers, h, blocks); null: the first "
+        "'<name>.<number>.' in the module path, as PEFT finds it.")
 
 
 @dataclass(kw_only=True)
