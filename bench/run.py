@@ -49,6 +49,8 @@ def plan(args) -> list[dict]:
             base = {"tier": "B", "size": size, **_steps(args, size)}
             loras = [{"targets": t, "r": 16, "alpha": 32, "dropout": p}
                      for t in (["all"] if args.quick else ["all", "qv"]) for p in args.dropouts]
+            if args.dora:   # DoRA rows: ours DoRA against PEFT DoRA, and against ours LoRA (dora_over_lora)
+                loras += [{"targets": "all", "r": 16, "alpha": 32, "dropout": p, "dora": True} for p in args.dropouts]
             groups.append({"name": f"B {size}", "base": base, "loras": loras})
     return groups
 
@@ -61,7 +63,7 @@ def _steps(args, key: str) -> dict:
 
 def lora_name(lora: dict) -> str:
     targets = f"{lora['targets']} " if "targets" in lora else ""
-    return f"{targets}r={lora['r']} p={lora['dropout']:g}"
+    return f"{targets}r={lora['r']} p={lora['dropout']:g}{' DoRA' if lora.get('dora') else ''}"
 
 
 # --- processes ---------------------------------------------------------------------------
@@ -160,6 +162,20 @@ def make_row(group: dict, lora: dict, runs: dict) -> dict:
     }
 
 
+def add_dora_ratios(rows: list[dict]) -> None:
+    """Each DoRA row also gets ours DoRA / ours LoRA (time and RSS) against the plain LoRA
+    row of the same group, targets, rank and dropout (None when that row is absent)."""
+    def same(r):
+        return tuple(r["config"].get(k) for k in ("targets", "r", "alpha", "dropout"))
+    plain = {same(r): r for r in rows if not r["config"].get("dora")}
+    for r in rows:
+        if r["config"].get("dora"):
+            lora = plain.get(same(r))
+            ours = lora["stats"]["ours"] if lora else None
+            r["ratios"]["dora_over_lora_time"] = ratio(r["stats"]["ours"], ours)
+            r["ratios"]["dora_over_lora_rss"] = ratio(r["stats"]["ours"], ours, "peak_rss_mb")
+
+
 # --- tier C: the CLI ------------------------------------------------------------------------
 
 def bench_cli(args, env: dict) -> dict:
@@ -236,6 +252,16 @@ def table_rows(rows: list[dict]) -> list[list[str]]:
     return out
 
 
+DORA_HEADERS = ["configuration", "ours DoRA s", "PEFT DoRA s", "ours DoRA / ours LoRA t", "ours / PEFT DoRA t",
+                "ours / PEFT DoRA RSS", "parity"]
+
+
+def dora_rows(rows: list[dict]) -> list[list[str]]:
+    return [[r["name"], _t(r["stats"]["ours"]), _t(r["stats"]["peft"]), _x(r["ratios"].get("dora_over_lora_time")),
+             _x(r["ratios"]["ours_over_peft_time"]), _x(r["ratios"]["ours_over_peft_rss"]), _parity(r["parity"])]
+            for r in rows]
+
+
 def render(headers: list[str], rows: list[list[str]], markdown: bool) -> str:
     if markdown:
         lines = [headers, ["---"] * len(headers), *rows]
@@ -264,6 +290,10 @@ def report(result: dict, markdown: bool) -> str:
         rows = [r for r in result["rows"] if r["tier"] == tier]
         if rows:
             parts.append(f"\nTier {tier}\n\n" + render(HEADERS, table_rows(rows), markdown))
+    dora = [r for r in result["rows"] if r["config"].get("dora")]
+    if dora:
+        parts.append("\nTier B, DoRA (goals: DoRA/LoRA <= 1.15, ours/PEFT DoRA time <= 0.6, RSS <= 0.8)\n\n" +
+                     render(DORA_HEADERS, dora_rows(dora), markdown))
     if result.get("cli"):
         parts.append("\nTier C\n\n" + render(["command", "wall s", "peak RSS MB", "status"],
                                              cli_rows(result["cli"]), markdown))
@@ -289,10 +319,14 @@ def parse_args(argv=None):
     p.add_argument("--independent-masks", action="store_true",
                    help="ours draws one dropout mask per layer (lora.dropout_shared: false); default: layers "
                         "reading one input share a mask, as lora-train does by default")
+    p.add_argument("--dora", action=argparse.BooleanOptionalAction, default=None,
+                   help="tier B DoRA rows (all-linear, r=16): ours and PEFT with use_dora; default: on, "
+                        "off with --quick")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cli-config", default="configs/quickstart.yaml", help="tier C config (relative to the repo)")
     args = p.parse_args(argv)
     args.sizes = args.sizes or (["S"] if args.quick else ["S", "M"])
+    args.dora = (not args.quick) if args.dora is None else args.dora
     for what, got, known in [("--tier", args.tier, "ABC"), ("--sizes", args.sizes, SIZES),
                              ("--variants", args.variants, ("floor", "full", "peft", "ours"))]:
         if set(got) - set(known):
@@ -329,9 +363,11 @@ def main(argv=None) -> int:
                 print(f"  {group['name']} {label} {variant} #{rep}: " +
                       (f"{r['step_s']:.4f} s/step, {r['peak_rss_mb']:.0f} MB, loss {r['final_loss']:.6f}"
                        if "error" not in r else "FAILED\n" + r["error"]), flush=True)
-        for i, lora in enumerate(group["loras"]):
-            result["rows"].append(make_row(group, lora, {"floor": runs["floor", None], "full": runs["full", None],
-                                                         "peft": runs["peft", i], "ours": runs["ours", i]}))
+        rows = [make_row(group, lora, {"floor": runs["floor", None], "full": runs["full", None],
+                                       "peft": runs["peft", i], "ours": runs["ours", i]})
+                for i, lora in enumerate(group["loras"])]
+        add_dora_ratios(rows)
+        result["rows"] += rows
     if "C" in args.tier:
         result["cli"] = bench_cli(args, env)
     text = report(result, markdown=False)

@@ -125,11 +125,12 @@ def adapt(model: nn.Module, cfg: dict):
     targets = ["linear"] if cfg["tier"] == "A" else TARGETS[cfg["targets"]]
     if variant == "ours":
         from lora_cli import apply_lora
-        apply_lora(model, rank=cfg["r"], alpha=cfg["alpha"], target_modules=targets, dropout=cfg["dropout"])
+        apply_lora(model, rank=cfg["r"], alpha=cfg["alpha"], target_modules=targets, dropout=cfg["dropout"],
+                   use_dora=bool(cfg.get("dora")))
     elif variant == "peft":
         from peft import LoraConfig, get_peft_model
         lc = LoraConfig(r=cfg["r"], lora_alpha=cfg["alpha"], target_modules=targets,
-                        lora_dropout=cfg["dropout"], bias="none",
+                        lora_dropout=cfg["dropout"], bias="none", use_dora=bool(cfg.get("dora")),
                         task_type="CAUSAL_LM" if cfg["tier"] == "B" else None)
         model = get_peft_model(model, lc)
     else:

@@ -23,6 +23,7 @@ _EXPORTS = {
     "save_adapter": "lora.adapter",
     "load_adapter": "lora.adapter",
     "read_adapter": "lora.adapter",
+    "loraplus_param_groups": "lora.loraplus",
     "merge_adapter": "lora.merge",
     "merge_state_dict": "lora.merge",
     "UserError": "errors",

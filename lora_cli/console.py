@@ -83,14 +83,16 @@ def show_summary(summary, title: str = "LoRA adapters") -> None:
     """The adapted-modules table and trainable / total parameters."""
     table = Table(title=title, title_justify="left")
     for col, just in (("module", "left"), ("kind", "left"), ("shape", "right"), ("rank", "right"),
-                      ("trainable", "right")):
+                      ("scale", "right"), ("trainable", "right")):
         table.add_column(col, justify=just)
     rows = summary.modules
     shown = rows if len(rows) <= 24 else rows[:20]
     for m in shown:
-        table.add_row(_literal(m.name), _literal(m.kind), "x".join(map(str, m.shape)), _num(m.rank), _num(m.trainable))
+        scale = f"{m.scale:.4g}" if getattr(m, "scale", None) is not None else "-"
+        table.add_row(_literal(m.name), _literal(m.kind), "x".join(map(str, m.shape)), _num(m.rank), scale,
+                      _num(m.trainable))
     if len(shown) < len(rows):
-        table.add_row(f"... {len(rows) - len(shown)} more", "", "", "", "")
+        table.add_row(f"... {len(rows) - len(shown)} more", "", "", "", "", "")
     out.print(table)
     _line(f"trainable parameters: [bold]{summary.trainable:,}[/] of {summary.total:,} "
           f"([bold]{summary.percent:.3f}%[/])")

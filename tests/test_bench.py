@@ -74,3 +74,15 @@ def test_tiny_llama_parity(tmp_path):
     assert row["ratios"]["ours_over_peft_time"] > 0
     assert 2 / 3 < row["ideal"]["ours_over_full"] < 1.5
     check_parity(row)
+
+
+@pytest.mark.slow
+def test_tiny_llama_dora_rows(tmp_path):
+    result = run_bench(tmp_path, "--tier", "B", "--sizes", "tiny", "--variants", "peft,ours", "--dora")
+    plain, dora = result["rows"]                  # --quick --dora: all linear r=16, then the same with DoRA
+    assert not plain["config"].get("dora") and dora["config"]["dora"] is True and dora["name"].endswith("DoRA")
+    assert dora["ratios"]["dora_over_lora_time"] > 0 and dora["ratios"]["ours_over_peft_time"] > 0
+    # a DoRA layer trains its magnitude too: one value per output row of every adapted layer
+    assert dora["stats"]["ours"]["trainable_params"] > plain["stats"]["ours"]["trainable_params"]
+    check_parity(dora)                            # same losses as PEFT's DoRA at dropout 0
+    assert "Tier B, DoRA" in (tmp_path / "RESULTS.md").read_text()

@@ -9,6 +9,7 @@ Tensor keys (P = ``base_model.model.``, ``path`` a module's dotted path in the m
 
     P + path + ".lora_A.weight"        (r, in)     Linear / Conv1D
     P + path + ".lora_B.weight"        (out, r)
+    P + path + ".lora_magnitude_vector" (out,)     DoRA's magnitude (Linear / Conv1D)
     P + path + ".lora_embedding_A"     (r, num)    Embedding
     P + path + ".lora_embedding_B"     (dim, r)
     P + path + ".base_layer.bias"      trained bias of an adapted layer (PEFT's name)
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,12 +40,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapter_config import DAMAGED, adapter_config, parse_config_json, read_config_text, validate_adapter_config
+from .adapter_config import (DAMAGED, adapter_config, check_original_base, parse_config_json, read_config_text,
+                             validate_adapter_config)
 from .checks import show
 from .errors import AdapterError
 from .files import put_in_place, remove, temp_path, write_error, write_synced
 from .fingerprint import base_tensors, check_fingerprint
 from .inject import LoraSpec, inject, lora_layers, require_spec, trained_tensors
+from .dora import MAGNITUDE, dora_merged
 from .layers import lora_delta, lora_scaling
 from .names import FACTORS
 from .targets import name_matches
@@ -70,6 +74,7 @@ class LowRankUpdate:
     alpha: float
     scaling: float         # alpha / r, or alpha / sqrt(r) with rsLoRA
     layout: str            # "linear": W (out, in); "conv1d": W (in, out); "embedding": E (num, dim)
+    magnitude: torch.Tensor | None = None   # (out,): DoRA's m; then the update is not additive
 
     @property
     def rank(self) -> int:
@@ -78,6 +83,12 @@ class LowRankUpdate:
     def delta(self) -> torch.Tensor:
         """s * B @ A in float32, in the layout of the base weight (:func:`lora_delta`)."""
         return lora_delta(self.A, self.B, self.scaling, self.layout)
+
+    def apply(self, weight: torch.Tensor) -> torch.Tensor:
+        """The merged weight, float32: W + s B A, or DoRA's (m / n) (W + s B A)."""
+        if self.magnitude is None:
+            return weight.float() + self.delta()
+        return dora_merged(weight, self.A, self.B, self.scaling, self.magnitude.to(weight.device), self.layout)[0]
 
     def weight_shape(self) -> tuple[int, int]:
         out, inp = int(self.B.shape[0]), int(self.A.shape[1])
@@ -109,6 +120,8 @@ def adapter_keys(model: nn.Module) -> dict[str, str]:
     for path, layer in layers.items():
         for name, suffix in zip(FACTORS[layer.layout], FILE_SUFFIX[layer.layout]):
             keys[f"{PREFIX}{path}{suffix}"] = f"{path}.{name}"
+        if MAGNITUDE in layer.lora_names:
+            keys[f"{PREFIX}{path}.{MAGNITUDE}"] = f"{path}.{MAGNITUDE}"
     for key in trained_tensors(model, spec):   # PEFT names an adapted layer's own bias "<path>.base_layer.bias"
         path = key.removesuffix(".bias")
         keys[PREFIX + (f"{path}.base_layer.bias" if key.endswith(".bias") and path in layers else key)] = key
@@ -217,16 +230,20 @@ def read_adapter(path: str | os.PathLike) -> Adapter:
     return parse_adapter(config, tensors, source=str(path), config_source=where)
 
 
-def _pattern_lookup(patterns: Mapping | None):
-    """PEFT's rank/alpha pattern lookup: the value of the first key (in the file's order)
-    that names the module (the module path, or a dotted suffix of it). Each lookup costs
-    the path's depth, not the number of patterns."""
-    order = {key: i for i, key in enumerate(patterns or {})}
+def _pattern_lookup(patterns: Mapping | None, key: str, source: str):
+    """PEFT's rank/alpha pattern lookup (:func:`lora_cli.lora.targets.pattern_value`: the
+    first key, read as a regex, that matches the module path or its dotted end), with the
+    keys compiled once; a key that is no regex is an AdapterError."""
+    compiled = []
+    for k, v in (patterns or {}).items():
+        try:
+            compiled.append((re.compile(rf"(.*\.)?({k})"), v))
+        except (re.error, OverflowError, RecursionError) as exc:
+            raise AdapterError(f"{key}: key {show(k)} is not a valid regular expression ({exc})",
+                               where=source, fix=DAMAGED) from None
 
     def lookup(path: str, default):
-        parts = path.split(".")
-        hits = [s for s in (".".join(parts[i:]) for i in range(len(parts))) if s in order]
-        return patterns[min(hits, key=order.__getitem__)] if hits else default
+        return next((v for rx, v in compiled if rx.fullmatch(path)), default)
     return lookup
 
 
@@ -252,10 +269,9 @@ def parse_adapter(config: dict, tensors: Mapping[str, torch.Tensor], *, source: 
     config = validate_adapter_config(config, config_source or source)
     if config.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"not a LoRA adapter (peft_type {show(config.get('peft_type'))})", where=source)
-    for flag in ("use_dora",):
-        if config.get(flag):
-            raise AdapterError(f"adapters with {flag}=true are not supported", where=source,
-                               fix="merge it with PEFT, or train a plain LoRA adapter")
+    check_original_base(config, config_source or source)
+    use_dora = bool(config.get("use_dora"))
+    magnitudes: dict[str, torch.Tensor] = {}
     layouts = (config.get("lora_cli") or {}).get("modules", {})
     fan_in_fan_out = bool(config.get("fan_in_fan_out"))
     factors: dict[str, dict[str, torch.Tensor]] = {}
@@ -266,6 +282,9 @@ def parse_adapter(config: dict, tensors: Mapping[str, torch.Tensor], *, source: 
             raise AdapterError(f"unexpected tensor key {show(key)} (adapter keys start with {PREFIX!r})",
                                where=source)
         rest = key[len(PREFIX):]
+        if rest.endswith("." + MAGNITUDE):
+            magnitudes[rest[: -len(MAGNITUDE) - 1]] = t
+            continue
         for suffix, (factor, family) in LORA_SUFFIXES.items():
             if rest.endswith(suffix):
                 path = rest[: -len(suffix)]
@@ -275,7 +294,8 @@ def parse_adapter(config: dict, tensors: Mapping[str, torch.Tensor], *, source: 
         else:   # PEFT names an adapted layer's own tensors "<path>.base_layer.<name>"
             replacements[rest.replace(".base_layer.", ".")] = t
     alpha, rank = config.get("lora_alpha", 8), config.get("r", 8)
-    rank_of, alpha_of = _pattern_lookup(config.get("rank_pattern")), _pattern_lookup(config.get("alpha_pattern"))
+    rank_of = _pattern_lookup(config.get("rank_pattern"), "rank_pattern", config_source or source)
+    alpha_of = _pattern_lookup(config.get("alpha_pattern"), "alpha_pattern", config_source or source)
     updates = {}
     for path, pair in factors.items():
         if set(pair) != {"A", "B"}:
@@ -296,10 +316,35 @@ def parse_adapter(config: dict, tensors: Mapping[str, torch.Tensor], *, source: 
         layout = layouts.get(path) or (
             "embedding" if families[path] == "embedding" else "conv1d" if fan_in_fan_out else "linear")
         updates[path] = LowRankUpdate(A=A, B=B, alpha=float(a), layout=layout,
-                                      scaling=lora_scaling(r, a, bool(config.get("use_rslora"))))
+                                      scaling=lora_scaling(r, a, bool(config.get("use_rslora"))),
+                                      magnitude=_magnitude(magnitudes.pop(path, None), path, layout, B, use_dora,
+                                                           source))
     if not updates:
         raise AdapterError("the adapter holds no LoRA tensors", where=source)
+    if magnitudes:
+        raise AdapterError(f"'{next(iter(magnitudes))}.{MAGNITUDE}' has no lora_A/lora_B pair", where=source,
+                           fix=DAMAGED)
     return Adapter(config=config, updates=updates, replacements=replacements, source=source)
+
+
+def _magnitude(m: torch.Tensor | None, path: str, layout: str, B: torch.Tensor, use_dora: bool,
+               source: str) -> torch.Tensor | None:
+    """DoRA's magnitude of one module, checked: present exactly when use_dora, (out,)."""
+    if not use_dora:
+        if m is not None:
+            raise AdapterError(f"module '{path}' has a DoRA {MAGNITUDE} but the config says use_dora=false",
+                               where=source, fix=DAMAGED)
+        return None
+    if layout == "embedding":
+        raise AdapterError(f"module '{path}' is an embedding adapted with DoRA, which lora-cli does not support",
+                           where=source, fix="merge it with PEFT, or train it without DoRA on embeddings")
+    if m is None:
+        raise AdapterError(f"module '{path}' has no {MAGNITUDE}, which a DoRA adapter (use_dora=true) needs",
+                           where=source, fix=DAMAGED)
+    if m.dim() != 1 or m.shape[0] != B.shape[0] or not m.is_floating_point():
+        raise AdapterError(f"module '{path}': {MAGNITUDE} is {tuple(m.shape)} {m.dtype}, not ({B.shape[0]},) "
+                           "floating-point", where=source, fix=DAMAGED)
+    return m
 
 
 # --- loading into a model -------------------------------------------------------------
@@ -334,7 +379,8 @@ def load_adapter(model: nn.Module, path_or_adapter, *, check_base: bool = True) 
         saved += [name] if name in modules else [p for p in modules if p and name_matches(p, name)]
     spec = LoraSpec(rank=int(config.get("r", 8)), alpha=float(config.get("lora_alpha", 8)),
                     dropout=float(config.get("lora_dropout") or 0.0), use_rslora=bool(config.get("use_rslora")),
-                    bias=config.get("bias", "none"), targets=list(adapter.updates), modules_to_save=saved)
+                    bias=config.get("bias", "none"), targets=list(adapter.updates), modules_to_save=saved,
+                    use_dora=bool(config.get("use_dora")))
     declared = set(trained_tensors(model, spec))
     missing = sorted(declared - set(adapter.replacements))
     if missing:
@@ -367,8 +413,15 @@ def load_adapter_weights(model: nn.Module, adapter: Adapter) -> nn.Module:
             if a.shape != update.A.shape or b.shape != update.B.shape:
                 raise AdapterError(f"'{path}' has rank {layer.rank} in the model, {update.rank} in the adapter",
                                    where=adapter.source, fix="use the same lora.rank as the adapter")
+            dora = MAGNITUDE in layer.lora_names
+            if dora != (update.magnitude is not None):
+                raise AdapterError(f"'{path}' is {'' if dora else 'not '}a DoRA layer in the model but "
+                                   f"{'not ' if dora else ''}in the adapter", where=adapter.source,
+                                   fix="use the same lora.use_dora as the adapter")
             a.copy_(update.A)
             b.copy_(update.B)
+            if dora:
+                getattr(layer, MAGNITUDE).copy_(update.magnitude)
             layer.alpha, layer.scaling = update.alpha, update.scaling
         for key, t in adapter.replacements.items():
             if key not in state or state[key].shape != t.shape:

@@ -23,14 +23,16 @@ from .errors import AdapterError
 from .fingerprint import base_fingerprint, recorded_fingerprint_problem
 from .inject import lora_layers, require_spec
 from .names import LAYOUTS
-from .targets import name_matches
+from .targets import in_layers, name_matches
 
 
-def _peft_target_modules(model: nn.Module, targets: list[str]) -> list[str]:
-    """The shortest PEFT target list that selects exactly ``targets``: leaf names when
-    they pick no other module, else the full paths."""
+def _peft_target_modules(model: nn.Module, targets: list[str], layers=None, pattern=None) -> list[str]:
+    """The shortest PEFT target list that selects exactly ``targets`` (within
+    ``layers_to_transform`` ``layers``): leaf names when they pick no other module, else
+    the full paths."""
     leaves = sorted({t.rsplit(".", 1)[-1] for t in targets})
-    picked = {p for p, _ in model.named_modules() if p and any(name_matches(p, leaf) for leaf in leaves)}
+    picked = {p for p, _ in model.named_modules() if p and any(name_matches(p, leaf) for leaf in leaves)
+              and in_layers(p, layers, pattern)}
     return leaves if picked == set(targets) else list(targets)
 
 
@@ -39,6 +41,11 @@ def adapter_config(model: nn.Module, *, base_model_name_or_path: str | None = No
     """adapter_config.json for ``model``: PEFT's LoRA fields plus lora-cli's metadata."""
     spec = require_spec(model)
     layers = lora_layers(model)
+    # PEFT's layers_to_transform, when PEFT's own rule picks the same layers; else the
+    # target list alone says it all (full paths)
+    selected = spec.layers_to_transform is not None and all(
+        in_layers(p, spec.layers_to_transform, spec.layers_pattern, peft=True) for p in spec.targets)
+    peft_layers = (spec.layers_to_transform, spec.layers_pattern) if selected else (None, None)
     layouts = {p: m.layout for p, m in layers.items()}
     ranks = {p: m.rank for p, m in layers.items()}
     alphas = {p: m.alpha for p, m in layers.items()}
@@ -49,7 +56,7 @@ def adapter_config(model: nn.Module, *, base_model_name_or_path: str | None = No
         "r": spec.rank,
         "lora_alpha": spec.alpha,
         "lora_dropout": spec.dropout,
-        "target_modules": _peft_target_modules(model, spec.targets),
+        "target_modules": _peft_target_modules(model, spec.targets, *peft_layers),
         "exclude_modules": None,
         "use_rslora": spec.use_rslora,
         "fan_in_fan_out": any(v == "conv1d" for v in layouts.values()),
@@ -59,7 +66,9 @@ def adapter_config(model: nn.Module, *, base_model_name_or_path: str | None = No
         "inference_mode": True,
         "rank_pattern": {p: r for p, r in ranks.items() if r != spec.rank},
         "alpha_pattern": {p: a for p, a in alphas.items() if a != spec.alpha},
-        "use_dora": False,
+        "use_dora": spec.use_dora,
+        "layers_to_transform": peft_layers[0],
+        "layers_pattern": peft_layers[1],
         "lora_cli": {
             "version": __version__,
             "modules": layouts,
@@ -154,6 +163,10 @@ _PEFT_FIELDS = {
     "rank_pattern": lambda v: v and entries(lambda x: is_int(x) and x >= 1, "an integer >= 1")(v),
     "alpha_pattern": lambda v: v and entries(is_number, "a finite number")(v),
     "lora_cli": simple(lambda v: isinstance(v, dict), "an object", null=True),
+    "layers_to_transform": simple(lambda v: is_int(v) or (isinstance(v, list) and all(is_int(i) for i in v)),
+                                  "a layer index or a list of them", null=True),
+    "layers_pattern": simple(lambda v: isinstance(v, str) or is_str_list(v), "a name or a list of names",
+                             null=True),
 }
 
 
@@ -167,6 +180,43 @@ _LORA_CLI_FIELDS = {
     "search_path": _STRING,
     "config": _check_training_config,
 }
+
+
+# PEFT initialisations that rewrite the base weight (W - s B0 A0 for PiSSA/OLoRA/CorDA/
+# LoRA-GA, a quantized residual for LoftQ): an adapter saved with one of these, and not
+# converted, applies to that rewritten base only, never to the base as published.
+RESIDUAL_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+
+def residual_init(value) -> str | None:
+    """The residual-base initialisation ``init_lora_weights`` names ("pissa" also for
+    "pissa_niter_K"), or None when the adapter applies to the untouched base."""
+    if not isinstance(value, str):
+        return None
+    name = value.lower()
+    return next((init for init in RESIDUAL_INITS if name == init or name.startswith(init + "_niter_")), None)
+
+
+def check_original_base(config: Mapping, where: str) -> None:
+    """Refuse an adapter that only applies to a residual base (see RESIDUAL_INITS).
+
+    Applied to the original base it would give a different model (PEFT itself needs the
+    rewritten base it saved beside such an adapter), so it is never silently misapplied.
+    """
+    init = residual_init(config.get("init_lora_weights"))
+    if init is None:
+        return
+    if init == "loftq":
+        fix = ("LoftQ adapters apply to the quantized residual base PEFT made; merge it with PEFT against that base, "
+               "or train a plain LoRA adapter")
+    else:
+        fix = ("convert it with PEFT to an adapter for the original base: save it with "
+               "model.save_pretrained(out, path_initial_model_for_weight_conversion=<the adapter as initialised, "
+               "saved before training>), which writes a rank-2r adapter with init_lora_weights=true; "
+               "adapters lora-train writes with lora.init_lora_weights: " + init + " are converted already")
+    raise AdapterError(f"this adapter was saved with init_lora_weights={config.get('init_lora_weights')!r} and "
+                       "not converted: it applies only to the residual base PEFT rewrote at initialisation, "
+                       "not to the original base model", where=where, fix=fix)
 
 
 def validate_adapter_config(config, where: str) -> dict:

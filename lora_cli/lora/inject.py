@@ -6,15 +6,16 @@ Which modules are targeted is :mod:`lora_cli.lora.targets`' business. After inje
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from torch import nn
 
 from .errors import AdapterError, TargetError
-from .layers import LoraLayer, wrap
+from .dora import DoraLinear
+from .layers import LoraLayer, is_conv1d, is_linear, wrap
 from .names import ALL_LINEAR, BIAS_CHOICES
-from .targets import resolve_modules_to_save, resolve_targets
+from .targets import in_layers, layer_index, pattern_value, resolve_modules_to_save, resolve_targets
 
 
 @dataclass
@@ -28,6 +29,9 @@ class LoraSpec:
     bias: str = "none"
     targets: list[str] = field(default_factory=list)          # adapted module paths
     modules_to_save: list[str] = field(default_factory=list)  # fully trained module paths
+    use_dora: bool = False                                    # DoRA layers (lora_cli.lora.dora) on Linear/Conv1D
+    layers_to_transform: list[int] | None = None              # as given (PEFT's field); targets hold the result
+    layers_pattern: list[str] | str | None = None
 
 
 @dataclass
@@ -39,6 +43,7 @@ class AdaptedModule:
     shape: tuple[int, ...]
     rank: int | None
     trainable: int         # trainable parameters this module adds
+    scale: float | None = None   # s = alpha / r (or alpha / sqrt(r)) of its update
 
 
 @dataclass
@@ -73,19 +78,45 @@ def get_spec(model: nn.Module) -> LoraSpec | None:
 def apply_lora(model: nn.Module, *, rank: int, alpha: float,
                target_modules: str | Sequence[str] = ALL_LINEAR, dropout: float = 0.0,
                use_rslora: bool = False, bias: str = "none", modules_to_save: Sequence[str] = (),
-               exclude_modules: Sequence[str] = ()) -> nn.Module:
-    """Adapt ``model`` in place with LoRA and freeze everything else; returns it."""
+               exclude_modules: Sequence[str] = (), use_dora: bool = False,
+               rank_pattern: Mapping[str, int] | None = None, alpha_pattern: Mapping[str, float] | None = None,
+               layers_to_transform: int | Sequence[int] | None = None,
+               layers_pattern: str | Sequence[str] | None = None) -> nn.Module:
+    """Adapt ``model`` in place with LoRA (DoRA with ``use_dora``) and freeze everything
+    else; returns it.
+
+    ``rank_pattern`` / ``alpha_pattern`` give some modules their own rank / alpha (PEFT's
+    matching: :func:`~lora_cli.lora.targets.pattern_value`); ``layers_to_transform``
+    keeps only the targets in those layer indices (found after ``layers_pattern``, as
+    PEFT does: :func:`~lora_cli.lora.targets.layer_index`).
+    """
     targets = resolve_targets(model, target_modules, exclude_modules)
+    if layers_to_transform is not None:
+        kept = [p for p in targets if in_layers(p, layers_to_transform, layers_pattern)]
+        if not kept:
+            raise TargetError(f"layers_to_transform {layers_to_transform} keeps none of the {len(targets)} targeted "
+                              f"modules (e.g. '{targets[0]}': layer {layer_index(targets[0], layers_pattern)})",
+                              where="lora.layers_to_transform",
+                              fix="give layer indices the model has, and lora.layers_pattern as the name of its "
+                                  "layer list (layers, h, blocks)")
+        targets = kept
     saved = resolve_modules_to_save(model, modules_to_save, targets)
     spec = LoraSpec(rank=rank, alpha=alpha, dropout=dropout, use_rslora=use_rslora, bias=bias,
-                    targets=targets, modules_to_save=saved)
-    return inject(model, spec)
+                    targets=targets, modules_to_save=saved, use_dora=use_dora,
+                    layers_to_transform=None if layers_to_transform is None else (
+                        [layers_to_transform] if isinstance(layers_to_transform, int) else list(layers_to_transform)),
+                    layers_pattern=layers_pattern if layers_pattern is None or isinstance(layers_pattern, str)
+                    else list(layers_pattern))
+    ranks = {p: int(pattern_value(rank_pattern, p, rank)) for p in targets}
+    alphas = {p: float(pattern_value(alpha_pattern, p, alpha)) for p in targets}
+    return inject(model, spec, ranks=ranks, alphas=alphas)
 
 
-def inject(model: nn.Module, spec: LoraSpec, ranks: dict[str, int] | None = None) -> nn.Module:
+def inject(model: nn.Module, spec: LoraSpec, ranks: dict[str, int] | None = None,
+           alphas: dict[str, float] | None = None) -> nn.Module:
     """Swap LoRA layers in at ``spec.targets`` (exact paths) and set requires_grad.
 
-    ``ranks`` optionally gives a per-module rank (adapters saved with rank patterns).
+    ``ranks`` / ``alphas`` optionally give a per-module rank / alpha (rank and alpha patterns).
     """
     if get_spec(model) is not None or lora_layers(model):
         raise TargetError("this model already has LoRA layers",
@@ -100,9 +131,18 @@ def inject(model: nn.Module, spec: LoraSpec, ranks: dict[str, int] | None = None
         if rank > max(shape):
             raise TargetError(f"rank {rank} is larger than '{path}' allows ({shape}: at most {max(shape)})",
                               where="lora.rank", fix=f"use lora.rank <= {max(shape)}, or exclude '{path}'")
+        if spec.use_dora and not is_linear(model.get_submodule(path)):
+            raise TargetError(f"DoRA is not available for '{path}' ({type(model.get_submodule(path)).__name__}): "
+                              "only Linear and Conv1D layers have a DoRA form here", where="lora.use_dora",
+                              fix=f"exclude '{path}' from lora.target_modules, or set lora.use_dora: false")
     for path, rank in ranks.items():
-        layer = wrap(model.get_submodule(path), rank=rank, alpha=spec.alpha, dropout=spec.dropout,
-                     use_rslora=spec.use_rslora)
+        module = model.get_submodule(path)
+        alpha = (alphas or {}).get(path, spec.alpha)
+        if spec.use_dora:
+            layer = DoraLinear(module, rank, alpha, spec.dropout, spec.use_rslora,
+                               fan_in_fan_out=is_conv1d(module))
+        else:
+            layer = wrap(module, rank=rank, alpha=alpha, dropout=spec.dropout, use_rslora=spec.use_rslora)
         set_submodule(model, path, layer)
     _set_trainable(model, spec)
     for layer in lora_layers(model).values():
@@ -120,7 +160,7 @@ def _set_trainable(model: nn.Module, spec: LoraSpec) -> None:
         p.requires_grad_(False)
     layers = lora_layers(model)
     for layer in layers.values():
-        for p in layer.factors:
+        for p in layer.lora_parameters:
             p.requires_grad_(True)
     for path, module in trainable_biases(model, spec).items():
         module.bias.requires_grad_(True)
@@ -158,8 +198,8 @@ def summarize(model: nn.Module) -> AdaptSummary:
     trainable = sum(p.numel() for p in params if p.requires_grad)
     rows = []
     for path, layer in lora_layers(model).items():
-        count = sum(p.numel() for p in layer.factors)
-        rows.append(AdaptedModule(path, layer.layout, tuple(layer.weight.shape), layer.rank, count))
+        count = sum(p.numel() for p in layer.lora_parameters)
+        rows.append(AdaptedModule(path, layer.layout, tuple(layer.weight.shape), layer.rank, count, layer.scaling))
     spec = get_spec(model)
     for path in spec.modules_to_save if spec else ():
         module = model.get_submodule(path)

@@ -98,6 +98,17 @@ class LoraLayer(nn.Module):
         a, b = FACTORS[self.layout]
         return getattr(self, a), getattr(self, b)
 
+    @property
+    def lora_names(self) -> tuple[str, ...]:
+        """The names of this layer's adapter parameters: its two factors, plus DoRA's
+        magnitude in a DoRA layer."""
+        return FACTORS[self.layout]
+
+    @property
+    def lora_parameters(self) -> list[nn.Parameter]:
+        """This layer's adapter parameters (what trains), in ``lora_names`` order."""
+        return [getattr(self, name) for name in self.lora_names]
+
     def delta_weight(self) -> torch.Tensor:
         """s * B @ A in float32, laid out like ``weight`` (see :func:`lora_delta`)."""
         A, B = self.factors

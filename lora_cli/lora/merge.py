@@ -65,6 +65,11 @@ class Merger:
             raise AdapterError(f"{len(weights)} weights given for {len(adapters)} adapters",
                                where="--weights", fix="give one weight per adapter")
         self.adapters, self.weights = list(adapters), weights
+        for adapter, w in zip(self.adapters, weights):
+            if any(u.magnitude is not None for u in adapter.updates.values()) and (len(adapters) > 1 or w != 1):
+                raise AdapterError("a DoRA adapter is merged alone and at weight 1: its update rescales the "
+                                   "weight, so it does not add up with others", where=adapter.source,
+                                   fix="merge the DoRA adapter on its own, without --weights")
         self.updates: dict[str, list] = {}        # base key -> [(weight, update), ...]
         self.replacements: dict[str, torch.Tensor] = {}
         self.new_modules: set[str] = set()        # modules_to_save the base may lack (a new head)
@@ -126,7 +131,10 @@ class Merger:
         if merged is tensor:
             merged = merged.clone()   # never write into the caller's tensor
         for w, update in items:
-            merged.add_(update.delta().to(merged.device), alpha=w)
+            if update.magnitude is not None:   # DoRA: not additive (checked alone, weight 1, in __init__)
+                merged = update.apply(merged)
+            else:
+                merged.add_(update.delta().to(merged.device), alpha=w)
         if not torch.isfinite(merged).all():
             raise AdapterError(f"merging into '{key}' gave non-finite values",
                                fix="the adapter has diverged weights; check its training loss")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from torch import nn
 
@@ -27,6 +27,43 @@ from .names import ALL_LINEAR, HEAD_NAMES
 def name_matches(path: str, name: str) -> bool:
     """A list entry matches a module whose path equals it or ends with ``.name``."""
     return path == name or path.endswith("." + name)
+
+
+def pattern_value(patterns: Mapping | None, path: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup: the value of the first key (in order)
+    that, read as a regex, matches the whole path or its end after a dot
+    (``"v_proj"`` matches ``layers.0.self_attn.v_proj``); ``default`` when none does."""
+    for key, value in (patterns or {}).items():
+        if re.fullmatch(rf"(.*\.)?({key})", path):
+            return value
+    return default
+
+
+def layer_index(path: str, layers_pattern: str | Sequence[str] | None, peft: bool = False) -> int | None:
+    """The index of the layer a module path sits in, found as PEFT finds it: the number
+    after ``<layers_pattern>.`` (``"layers"`` in ``model.layers.3.mlp.up_proj``) or, with no
+    pattern, after the last ``<name>.<number>.``. None when there is none.
+
+    PEFT also wants a dot before the container name, so it finds no layer in a path that
+    starts with it (``layers.3.mlp``, a model whose layers sit at its root); lora-cli does,
+    unless ``peft`` asks for PEFT's rule exactly."""
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern or [])
+    for pattern in patterns or [r"[^.]*"]:
+        prefix = r".*\." if peft else r"(?:.*\.)?"        # the greedy prefix finds the last one
+        found = re.match(rf"{prefix}{pattern}\.(\d+)\.", path)
+        if found:
+            return int(found.group(1))
+    return None
+
+
+def in_layers(path: str, layers_to_transform: int | Sequence[int] | None,
+              layers_pattern: str | Sequence[str] | None = None, peft: bool = False) -> bool:
+    """Whether ``layers_to_transform`` (None: every layer) selects this module path."""
+    if layers_to_transform is None:
+        return True
+    index = layer_index(path, layers_pattern, peft)
+    wanted = [layers_to_transform] if isinstance(layers_to_transform, int) else layers_to_transform
+    return index is not None and index in wanted
 
 
 def output_head(model: nn.Module) -> str | None:

@@ -16,7 +16,6 @@ from torch import nn
 
 from ..errors import ModelError
 from ..lora.layers import LoraLayer
-from ..lora.names import FACTORS
 from ..lora.weight_files import check_finite, read_state_dict
 
 SHOW = 10  # how many keys of each kind an error message lists
@@ -28,7 +27,7 @@ def _lora_keys(model: nn.Module) -> set[str]:
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer):
             prefix = f"{name}." if name else ""
-            keys.update(prefix + p for p in FACTORS[module.layout])
+            keys.update(prefix + p for p in module.lora_names)
     return keys
 
 

@@ -230,7 +230,9 @@ def build(cfg: Config, *, search_path: str | os.PathLike | None = None) -> Built
         saved = _hf_modules_to_save(cfg, model, notes) if cfg.model.hf else lo.modules_to_save
         apply_lora(model, rank=lo.rank, alpha=lo.alpha, target_modules=lo.target_modules, dropout=lo.dropout,
                    use_rslora=lo.use_rslora, bias=lo.bias, modules_to_save=saved,
-                   exclude_modules=lo.exclude_modules)
+                   exclude_modules=lo.exclude_modules, use_dora=lo.use_dora, rank_pattern=lo.rank_pattern,
+                   alpha_pattern=lo.alpha_pattern, layers_to_transform=lo.layers_to_transform,
+                   layers_pattern=lo.layers_pattern)
     wasted = [(path, layer) for path, layer in lora_layers(model).items() if layer.rank > min(layer.weight.shape)]
     if wasted:
         path, layer = wasted[0]

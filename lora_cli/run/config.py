@@ -101,6 +101,18 @@ class LoraSection:
     use_rslora: bool = _field(False, "Rank-stabilised scaling alpha / sqrt(r) instead of alpha / r.")
     bias: str = _field("none", "Biases to train: none, all, or lora_only (biases of adapted layers).")
     modules_to_save: list[str] = _field([], "Non-LoRA modules trained in full and saved with the adapter.")
+    use_dora: bool = _field(
+        False, "DoRA: a trained magnitude per output row rescales W + s B A (Linear and Conv1D layers; "
+        "embeddings are refused).")
+    rank_pattern: dict = _field(
+        {}, "Per-module ranks, {name or regex: rank}: a key matches a module path that equals it or ends with "
+        "'.key' (PEFT's matching; the first matching key wins); others get lora.rank.")
+    alpha_pattern: dict = _field({}, "Per-module alphas, {name or regex: alpha}, matched as rank_pattern.")
+    layers_to_transform: list[int] | int | None = _field(
+        None, "Adapt only the targets in these layer indices (>= 0); null: every layer.")
+    layers_pattern: list[str] | str | None = _field(
+        None, "The name of the model's list of layers before the index (layers, h, blocks); null: the first "
+        "'<name>.<number>.' in the module path, as PEFT finds it.")
 
 
 @dataclass(kw_only=True)
@@ -132,6 +144,9 @@ class TrainSection:
         "ddp", "With several workers (--nproc-per-node N, or torchrun): ddp gives each a whole model and "
         "averages the adapter's gradients; fsdp also splits the frozen base across them. "
         "A single process ignores it.")
+    loraplus_lr_ratio: float | None = _field(
+        None, "LoRA+: the B factors (lora_B, lora_embedding_B) learn at lr x this, A and the rest at lr "
+        "(> 0; the paper suggests 16); null: off.")
 
 
 @dataclass(kw_only=True)

@@ -35,6 +35,7 @@ from ..lora.adapter import WEIGHTS_NAME, adapter_keys, write_adapter
 from ..lora.adapter_config import adapter_config
 from ..lora.files import remove, write_error
 from ..lora.kernel import sharing_dropout
+from ..lora.loraplus import loraplus_param_groups
 from . import checkpoint as ckpt
 from . import distributed as dist
 from .build import autocast_for, batches
@@ -69,7 +70,8 @@ class Interrupted(Exception):
         return 128 + self.signum
 
 
-def make_optimizer(cfg, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+def make_optimizer(cfg, params: list) -> torch.optim.Optimizer:
+    """The configured optimizer over ``params`` (parameters, or parameter groups)."""
     t = cfg.train
     if t.optimizer == "sgd":
         return torch.optim.SGD(params, lr=t.lr, weight_decay=t.weight_decay, foreach=True)
@@ -118,7 +120,8 @@ class Run:
         self.weight_bytes = dist.weight_bytes(model)
         self.engine = dist.wrap(model, world, p.device)
         self.params = [q for q in self.engine.parameters() if q.requires_grad]
-        self.optimizer = make_optimizer(cfg, self.params)
+        self.optimizer = make_optimizer(cfg, self.params if t.loraplus_lr_ratio is None else loraplus_param_groups(
+            dist.inner(self.engine), t.lr, t.loraplus_lr_ratio))
         self.schedule = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, total=p.total_steps, warmup=t.warmup_steps, kind=t.scheduler))
         self.autocast = autocast_for(p.device, cfg.dtype)

@@ -74,6 +74,9 @@ RULES: dict[str, Rule] = {
     "train.resume": Rule(choices=choices.RESUME),
     "train.on_nan": Rule(choices=choices.ON_NAN),
     "train.num_threads": Rule(min=1, max=4096),
+    "train.loraplus_lr_ratio": Rule(min=0, max=_F32_MAX, min_open=True),
+    "lora.layers_to_transform": Rule(min=0, nonempty=True),
+    "lora.layers_pattern": Rule(nonempty=True),
 }
 
 
@@ -191,7 +194,10 @@ def _convert(value: Any, tp: Any) -> Any:
         except RecursionError:  # a YAML anchor that contains itself
             raise _Mismatch from None
     elif get_origin(tp) is list and isinstance(value, (list, tuple)):
-        if all(isinstance(v, str) for v in value):
+        if get_args(tp) == (int,):   # list[int]: layer indices
+            if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                return list(value)
+        elif all(isinstance(v, str) for v in value):
             return list(value)
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -239,6 +245,7 @@ def check_together(values: dict, problems: list[str], check_files: bool) -> None
             re.compile(targets)
         except (re.error, OverflowError, RecursionError) as e:
             problems.append(f"lora.target_modules: not a valid regular expression ({e}): {targets!r}")
+    _check_patterns(lora, problems)
     task = values.get("task")
     allowed = _DATA_SUFFIXES.get(task, ())
     for path, file in (("data.train", data.get("train")), ("data.eval", data.get("eval"))):
@@ -299,6 +306,24 @@ def _fixed(text: str) -> Any:
     return lambda value: text
 
 
+def _check_patterns(lora: dict, problems: list[str]) -> None:
+    """lora.rank_pattern / alpha_pattern: regex keys, ranks >= 1, alphas > 0; layer indices >= 0."""
+    wants = {"rank_pattern": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
+             "alpha_pattern": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+                               and math.isfinite(v) and 0 < v <= _F32_MAX, "a number > 0")}
+    for name, (ok, what) in wants.items():
+        for key, value in (lora.get(name) or {}).items():
+            try:
+                re.compile(key)
+            except (re.error, OverflowError, RecursionError) as e:
+                problems.append(f"lora.{name}: key {key!r} is not a valid regular expression ({e})")
+            if not ok(value):
+                problems.append(f"lora.{name}.{key}: must be {what}, got {show(value)}")
+    layers = lora.get("layers_to_transform")
+    if isinstance(layers, list) and any(i < 0 for i in layers):
+        problems.append(f"lora.layers_to_transform: layer indices must be >= 0, got {show(layers)}")
+
+
 def _expect(tp: Any, rule: Rule) -> str:
     """What a field accepts, in words: 'an integer >= 1', 'one of adamw, adam, sgd or null'."""
     arms = get_args(tp) if get_origin(tp) in (Union, types.UnionType) else (tp,)
@@ -309,7 +334,7 @@ def _expect(tp: Any, rule: Rule) -> str:
         if arm is str and rule.choices:
             texts.append("one of " + ", ".join(rule.choices))
             continue
-        text = _KIND[get_origin(arm) or arm]
+        text = "a list of integers" if get_args(arm) == (int,) else _KIND[get_origin(arm) or arm]
         if rule.nonempty:
             text = text.replace("a ", "a non-empty ", 1)
         if arm in (int, float):
@@ -326,7 +351,7 @@ def type_name(tp: Any) -> str:
     if get_origin(tp) in (Union, types.UnionType):
         return " | ".join(type_name(a) for a in get_args(tp))
     if get_origin(tp) is list:
-        return "list[str]"
+        return "list[int]" if get_args(tp) == (int,) else "list[str]"
     return {type(None): "null", dict: "mapping"}.get(tp) or tp.__name__
 
 

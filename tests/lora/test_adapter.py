@@ -416,7 +416,7 @@ def test_loading_into_a_module_of_another_shape_for_a_saved_tensor_is_refused(sa
     (lambda t: t.pop(f"{PREFIX}layers.0.self_attn.q_proj.lora_B.weight"), "has lora_A but not its pair"),
     (lambda t: t.pop(f"{PREFIX}embed_tokens.lora_embedding_A"), "has lora_B but not its pair"),
     (lambda t: t.update({f"{PREFIX}layers.0.self_attn.q_proj.lora_magnitude_vector": torch.ones(DIM)}),
-     "the model does not have"),
+     "DoRA lora_magnitude_vector but the config says use_dora=false"),
     (lambda t: t.update({f"{PREFIX}nowhere.weight": torch.ones(2)}), "the model does not have"),
     (lambda t: t.update({"layers.0.self_attn.q_proj.lora_A.weight": torch.ones(4, DIM)}), "unexpected tensor key"),
     (lambda t: t.update({f"{PREFIX}layers.0.self_attn.q_proj.lora_A.weight": torch.ones(3, DIM),
@@ -464,7 +464,7 @@ def test_missing_or_unreadable_adapters_are_user_errors(tmp_path):
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("peft_type", "IA3", "not a LoRA adapter"), ("use_dora", True, "use_dora=true")])
+    ("peft_type", "IA3", "not a LoRA adapter"), ("use_dora", True, "adapted with DoRA, which lora-cli does not support")])
 def test_other_adapter_kinds_are_refused(saved, field, value, message):
     _, directory = saved
     path = directory / WEIGHTS_NAME
