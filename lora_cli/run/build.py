@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .. import data as datalib
+from ..data.packing import PackedTextData, pack, packed_batch
 from ..errors import ConfigError, UserError
 from ..lora.fingerprint import base_fingerprint
 from ..lora.inject import apply_lora, get_spec, lora_layers
@@ -30,7 +31,7 @@ from .config import Config
 class Datasets:
     """Training and (optional) held-out data, with what the model needs to know of them."""
 
-    train: datalib.TabularData | datalib.TextData
+    train: datalib.TabularData | datalib.TextData | PackedTextData
     eval: datalib.TabularData | datalib.TextData | None
     tokenizer: ByteTokenizer | None = None
     label_map: dict[str, int] | None = None
@@ -125,6 +126,8 @@ def load_data(cfg: Config) -> Datasets:
                       features=features) if cfg.data.eval else None
     if cfg.data.val_split:
         train, held = datalib.split(train, cfg.data.val_split, cfg.seed)
+    if cfg.task == "causal_lm" and cfg.data.packing:
+        train = pack(train, cfg.data.max_seq_len - 1)     # rows of as many inputs as an unpacked example has
     return Datasets(train, held, tokenizer=tok, label_map=label_map, features=features)
 
 
@@ -269,9 +272,11 @@ def _check_sequence_length(cfg: Config, model: nn.Module, data: Datasets) -> Non
     """The longest example must fit the model's positions, or training fails mid-run."""
     limit = getattr(model, "max_seq_len", None) or getattr(getattr(model, "config", None),
                                                             "max_position_embeddings", None)
-    if not isinstance(limit, int) or not isinstance(data.train, (datalib.TextData, datalib.TextClassData)):
+    if not isinstance(limit, int) or not isinstance(data.train, (datalib.TextData, datalib.TextClassData,
+                                                                 PackedTextData)):
         return
-    parts = [part for part in (data.train, data.eval) if part is not None]
+    parts = [part.data if isinstance(part, PackedTextData) else part for part in (data.train, data.eval)
+             if part is not None]
     longest = max(len(ex[0] if isinstance(ex, tuple) else ex) for part in parts for ex in part.examples)
     inputs = longest - 1 if cfg.task == "causal_lm" else longest
     if inputs > limit:
@@ -283,7 +288,9 @@ def batches(data, order: torch.Tensor, batch_size: int, pad_id: int | None = Non
     """(inputs, targets) for consecutive chunks of ``order``."""
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        if isinstance(data, datalib.TextData):
+        if isinstance(data, PackedTextData):
+            yield packed_batch(data, idx, pad_id)
+        elif isinstance(data, datalib.TextData):
             yield datalib.text_batch(data, idx, pad_id)
         elif isinstance(data, datalib.TextClassData):
             yield datalib.text_class_batch(data, idx, pad_id)

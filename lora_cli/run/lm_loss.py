@@ -50,11 +50,17 @@ logits unchanged (no soft-capping, scaling or float cast after the head)."""
 
 def model_output(model: nn.Module, inputs) -> torch.Tensor:
     """The model's output tensor for ``inputs``: token ids (B, T), or a packed batch
-    ``{"input_ids", "position_ids"}`` (Hugging Face outputs carry it as ``.logits``)."""
+    ``{"input_ids", "position_ids"}`` (Hugging Face outputs carry it as ``.logits``;
+    Hugging Face models keep packed examples apart from ``position_ids`` alone, with
+    eager, sdpa and flash attention, on CPU and CUDA)."""
+    # a Hugging Face model builds no KV cache for a forward that only scores: with a
+    # cache it would also ignore position_ids when masking packed examples apart
+    extra = {"use_cache": False} if hasattr(getattr(getattr(model, "module", model), "config", None),
+                                            "use_cache") else {}
     if isinstance(inputs, dict):
-        out = model(inputs["input_ids"], position_ids=inputs["position_ids"])
+        out = model(inputs["input_ids"], position_ids=inputs["position_ids"], **extra)
     else:
-        out = model(inputs)
+        out = model(inputs, **extra)
     return out.logits if hasattr(out, "logits") else out
 
 

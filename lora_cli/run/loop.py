@@ -188,7 +188,7 @@ class Run:
             loop.eval_base = loop.eval_final = self.evaluate()
         self.window_start = time.perf_counter()     # the logged rates count training steps only
         while loop.step < p.total_steps:
-            order = datalib.epoch_order(len(data.train), seed=self.cfg.seed, epoch=loop.epoch)
+            order = self.epoch_order(loop.epoch)
             mine, keep = dist.epoch_share(order, self.world, done=loop.step_in_epoch * p.global_batch)
             micro = zip(batches(data.train, mine, t.batch_size, self.pad), keep.split(t.batch_size))
             epoch_done = False
@@ -202,6 +202,17 @@ class Run:
             loop.eval_final = self.evaluate()
         self.reporter.finish()
         return time.perf_counter() - started
+
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        """The training examples' order in ``epoch``; with data.group_by_length each
+        micro-batch (on every worker) holds examples of similar length."""
+        train, sizes = self.data.train, None
+        if self.cfg.data.group_by_length:
+            sizes = datalib.lengths(train)
+        if sizes is None:
+            return datalib.epoch_order(len(train), seed=self.cfg.seed, epoch=epoch)
+        return datalib.length_grouped_order(sizes, seed=self.cfg.seed, epoch=epoch,
+                                            group=self.t.batch_size * self.world.size)
 
     def step(self, group: list[tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]]) -> Step:
         """One optimizer step over ``group``'s micro-batches (this worker's share: each a
@@ -326,7 +337,7 @@ class Run:
         world, data, loop = self.world, self.data, self.loop
         started = time.perf_counter()
         sharded = world.distributed and world.strategy == "ddp"
-        order = torch.arange(len(data.eval))
+        order = datalib.by_length(data.eval)              # longest first: batches of similar length
         mine = dist.shard(order, world) if sharded else order
         metrics = evaluate(dist.inner(self.engine), batches(data.eval, mine, self.t.batch_size, self.pad),
                            self.cfg.task, num_classes=data.num_classes, device=self.p.device,
