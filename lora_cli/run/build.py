@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from .. import data as datalib
+from ..data import token_cache
 from ..data.packing import PackedTextData, pack, packed_batch
 from ..errors import ConfigError, UserError
 from ..lora.fingerprint import base_fingerprint
@@ -103,13 +107,31 @@ def make_tokenizer(cfg: Config):
     return ByteTokenizer() if cfg.task == "causal_lm" else None
 
 
+TOKENIZER_FILES = re.compile(r"(tokenizer|special_tokens_map|added_tokens|vocab|merges|chat_template).*|.*\.model")
+
+
+def tokenizer_identity(cfg: Config, tokenizer) -> str:
+    """What the tokens of a text depend on besides the text: the tokenizer's class and,
+    for a model directory, the bytes of its tokenizer files."""
+    h = hashlib.sha256(f"{type(tokenizer).__module__}.{type(tokenizer).__qualname__}".encode())
+    inner = getattr(tokenizer, "tok", None)
+    if inner is not None:
+        h.update(f"/{type(inner).__qualname__}".encode())
+    if cfg.model.hf:
+        for file in sorted(Path(cfg.model.hf).iterdir()):
+            if file.is_file() and TOKENIZER_FILES.fullmatch(file.name):
+                h.update(b"\0" + file.name.encode() + b"\0" + file.read_bytes())
+    return h.hexdigest()
+
+
 def read_split(cfg: Config, path: str, *, tokenizer=None, label_map: dict | None = None,
                features: list[str] | None = None):
     """One data file read the way ``cfg`` says: tokenized text, labelled text, or a table."""
     d = cfg.data
-    if cfg.task == "causal_lm":
-        return datalib.load_text(path, tokenizer=tokenizer, text_field=d.text_field, max_seq_len=d.max_seq_len,
-                                 train_on_prompt=d.train_on_prompt)
+    if cfg.task == "causal_lm":            # tokenized once: later runs read the cache (data/token_cache.py)
+        settings = {"text_field": d.text_field, "max_seq_len": d.max_seq_len, "train_on_prompt": d.train_on_prompt}
+        return token_cache.cached(path, tokenizer_identity(cfg, tokenizer),
+                                  lambda: datalib.load_text(path, tokenizer=tokenizer, **settings), **settings)
     if tokenizer is not None:
         return datalib.load_text_classification(path, tokenizer=tokenizer, text_field=d.text_field,
                                                 target=d.target, max_seq_len=d.max_seq_len, label_map=label_map)
