@@ -74,3 +74,18 @@ def test_tiny_llama_parity(tmp_path):
     assert row["ratios"]["ours_over_peft_time"] > 0
     assert 2 / 3 < row["ideal"]["ours_over_full"] < 1.5
     check_parity(row)
+
+
+@pytest.mark.slow
+def test_tier_d_smoke(tmp_path):
+    """bench/jobs.py --quick runs both tools on the tiny model and reports every column."""
+    out = tmp_path / "d.json"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "jobs.py"), "--quick", "--repeats", "1",
+                           "--out", str(out), "--threads", "1"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    for tool in ("lora-cli", "trainer+peft"):
+        row = result["table"][tool]
+        assert row["steps"] == 3 and row["wall_s"]["median"] > 0 and row["peak_rss_mb"]["median"] > 0
+        assert row["heldout_loss"]["median"] > 0
+    assert result["data"]["loss_tokens"] > 0 and result["data"]["packed_rows"] < result["data"]["examples"]
