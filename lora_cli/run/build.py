@@ -304,6 +304,11 @@ def _check_sequence_length(cfg: Config, model: nn.Module, data: Datasets) -> Non
     if inputs > limit:
         raise ConfigError([f"data.max_seq_len: examples up to {longest} tokens feed {inputs} positions, but the "
                            f"model has {limit}"], fix=f"set data.max_seq_len <= {limit + (cfg.task == 'causal_lm')}")
+    if isinstance(data.train, PackedTextData):
+        row = max((data.train.row_length(j) for j in range(len(data.train))), default=0)
+        if row > limit:
+            raise ConfigError([f"data.max_seq_len: packed rows of up to {row} positions, but the model has {limit}"],
+                              fix=f"set data.max_seq_len <= {limit + 1} with data.packing")
 
 
 def batches(data, order: torch.Tensor, batch_size: int, pad_id: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

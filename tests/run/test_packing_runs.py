@@ -67,3 +67,16 @@ def test_packing_a_task_or_model_it_cannot_apply_to_is_a_config_error(project: P
         with pytest.raises(ConfigError) as err:
             load_config("config.yaml", overrides)
         assert says in str(err.value.problems if hasattr(err.value, "problems") else err.value)
+
+
+def test_packed_rows_longer_than_the_model_takes_are_refused_before_training(project: Path, monkeypatch):
+    from lora_cli.errors import ConfigError
+    from lora_cli.run.build import build
+    from lora_cli.run.config import load_config
+
+    monkeypatch.chdir(project)
+    # examples are short (under 16 positions), rows of 39 would not fit a 16-position model
+    cfg = load_config("config.yaml", ["data.packing=true", "data.max_seq_len=40", "model.args.max_seq_len=16"])
+    with pytest.raises(ConfigError) as err:
+        build(cfg)
+    assert "packed rows" in str(err.value.problems if hasattr(err.value, "problems") else err.value)
