@@ -113,7 +113,8 @@ class _FrozenLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, rows_per_chunk):    # hidden (N, C), labels (N,)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad = torch.empty_like(hidden) if hidden.requires_grad else None
+        # kept in float32: under float16 with loss scaling, small gradients must not underflow before the scale
+        grad = torch.empty_like(hidden, dtype=torch.float32) if hidden.requires_grad else None
         for start in range(0, hidden.shape[0], rows_per_chunk):
             h, y = hidden[start:start + rows_per_chunk], labels[start:start + rows_per_chunk]
             logits = F.linear(h, weight, bias).float()                            # (R, V)
@@ -122,14 +123,15 @@ class _FrozenLinearCrossEntropy(torch.autograd.Function):
             if grad is not None:
                 probs = logits.sub_(lse[:, None]).exp_()                          # (R, V) softmax, in place
                 probs[torch.arange(len(y), device=y.device), y] -= 1.0
-                grad[start:start + rows_per_chunk] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)  # (R, C)
+                grad[start:start + rows_per_chunk] = probs.to(weight.dtype) @ weight                  # (R, C)
         ctx.save_for_backward(grad)
+        ctx.hidden_dtype = hidden.dtype
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
         (grad,) = ctx.saved_tensors
-        return grad * grad_total.to(grad.dtype), None, None, None, None
+        return (grad * grad_total.float()).to(ctx.hidden_dtype), None, None, None, None
 
 
 def _chunk_loss(head: nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
