@@ -240,3 +240,9 @@ def fault_env(point: str) -> dict:
     tests/faults/sitecustomize.py): the fault module first on PYTHONPATH."""
     path = os.pathsep.join(p for p in (str(FAULTS), os.environ.get("PYTHONPATH", "")) if p)
     return {"PYTHONPATH": path, "LORA_CLI_TEST_FAULT": point}
+
+
+@pytest.fixture(autouse=True)
+def _token_cache(tmp_path_factory, monkeypatch):
+    """Each test its own tokenized-data cache (lora_cli/data/token_cache.py), never ~/.cache."""
+    monkeypatch.setenv("LORA_CLI_CACHE", str(tmp_path_factory.mktemp("cache")))

@@ -86,3 +86,18 @@ def test_tiny_llama_dora_rows(tmp_path):
     assert dora["stats"]["ours"]["trainable_params"] > plain["stats"]["ours"]["trainable_params"]
     check_parity(dora)                            # same losses as PEFT's DoRA at dropout 0
     assert "Tier B, DoRA" in (tmp_path / "RESULTS.md").read_text()
+
+
+@pytest.mark.slow
+def test_tier_d_smoke(tmp_path):
+    """bench/jobs.py --quick runs both tools on the tiny model and reports every column."""
+    out = tmp_path / "d.json"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "jobs.py"), "--quick", "--repeats", "1",
+                           "--out", str(out), "--threads", "1"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    for tool in ("lora-cli", "trainer+peft"):
+        row = result["table"][tool]
+        assert row["steps"] == 3 and row["wall_s"]["median"] > 0 and row["peak_rss_mb"]["median"] > 0
+        assert row["heldout_loss"]["median"] > 0
+    assert result["data"]["loss_tokens"] > 0 and result["data"]["packed_rows"] < result["data"]["examples"]

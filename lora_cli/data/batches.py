@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ..errors import DataError
+from .packing import PackedTextData
 from .tabular import TabularData
 from .text import TextClassData, TextData
 
@@ -81,6 +82,41 @@ def epoch_order(n: int, *, seed: int, epoch: int, shuffle: bool = True) -> Tenso
     return torch.randperm(n, generator=generator)
 
 
+def lengths(data) -> list[int] | None:
+    """Each example's padded width in a batch (tokens, or a packed row's filled
+    positions); None for tables, whose rows all have one width."""
+    if isinstance(data, PackedTextData):
+        return [data.row_length(j) for j in range(len(data))]
+    if isinstance(data, TextData):
+        return [len(ids) for ids, _ in data.examples]
+    if isinstance(data, TextClassData):
+        return [len(ids) for ids in data.examples]
+    return None
+
+
+def by_length(data) -> Tensor:
+    """``range(len(data))`` longest first (stable): batches of held-out data cut from it pad little."""
+    sizes = lengths(data)
+    if sizes is None:
+        return torch.arange(len(data))
+    return torch.tensor(sorted(range(len(sizes)), key=lambda i: -sizes[i]), dtype=torch.int64)
+
+
+def length_grouped_order(sizes: list[int], *, seed: int, epoch: int, group: int, window: int = 50) -> Tensor:
+    """An epoch order whose consecutive ``group``s (one micro-batch on every worker) hold
+    examples of similar length: :func:`epoch_order`, each span of ``window`` groups sorted
+    longest first and cut into groups, then the groups shuffled. It depends only on
+    ``(seed, epoch)`` and the lengths, so a resumed run regenerates it exactly."""
+    order = epoch_order(len(sizes), seed=seed, epoch=epoch).tolist()
+    span = max(1, group * window)
+    groups = []
+    for start in range(0, len(order), span):
+        part = sorted(order[start:start + span], key=lambda i: -sizes[i])
+        groups += [part[g:g + group] for g in range(0, len(part), group)]
+    shuffled = epoch_order(len(groups), seed=seed + 1, epoch=epoch).tolist()
+    return torch.tensor([i for g in shuffled for i in groups[g]], dtype=torch.int64)
+
+
 def tabular_batch(data: TabularData, indices: Tensor) -> tuple[Tensor, Tensor]:
     """(x (B, F), y (B,)) for the rows at ``indices``."""
     indices = torch.as_tensor(indices, dtype=torch.int64)
@@ -121,6 +157,9 @@ def boundaries(ids: list[int], mask: list[int], width: int = 4) -> dict[str, lis
 
 def describe(data: TabularData | TextData | TextClassData) -> dict:
     """A few summary numbers for display."""
+    if isinstance(data, PackedTextData):
+        filled = sum(data.row_length(j) for j in range(len(data)))
+        return {**describe(data.data), "packed_rows": len(data), "packed_fill": round(filled / (len(data) * data.width), 3)}
     if isinstance(data, TextClassData):
         return {"examples": len(data), "classes": len(data.label_map),
                 "tokens": sum(len(ids) for ids in data.examples), "truncated": data.truncated}

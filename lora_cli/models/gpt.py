@@ -77,15 +77,16 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d_model, d_model, bias=False)
         self.o_proj = nn.Linear(d_model, d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
         # (B, T, C) -> (B, H, T, D)
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(      # mask (B, 1, T, T): causal inside each packed example
+            q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=self.dropout if self.training else 0.0
         )                                                        # (B, H, T, D)
         y = y.transpose(1, 2).contiguous().view(B, T, C)         # (B, T, C)
         return self.o_proj(y)
@@ -116,10 +117,22 @@ class Block(nn.Module):
         self.mlp = SwiGLU(d_model, d_ff)
         self.resid_dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.resid_dropout(self.self_attn(self.input_layernorm(x), cos, sin))  # (B, T, C)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.resid_dropout(self.self_attn(self.input_layernorm(x), cos, sin, mask))  # (B, T, C)
         x = x + self.resid_dropout(self.mlp(self.post_attention_layernorm(x)))         # (B, T, C)
         return x
+
+
+def packed_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, T) bool, True where query i may attend to key j: j <= i in the same
+    example. An example starts wherever a position is not one more than the previous one."""
+    starts = torch.ones_like(position_ids, dtype=torch.bool)                   # (B, T)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    example = starts.cumsum(-1)                                                # (B, T)
+    T = position_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=position_ids.device).tril()
+    return ((example[:, :, None] == example[:, None, :]) & causal).unsqueeze(1)
 
 
 def default_d_ff(d_model: int) -> int:
@@ -186,7 +199,10 @@ class GPT(nn.Module):
         """The output head; LoRA targeting leaves it out of ``all-linear``."""
         return self.lm_head
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:    # ids: (B, T) long
+    def forward(self, ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab) for ``ids`` (B, T). ``position_ids`` (B, T), for packed
+        sequences: each token's position in its own example; an example starts wherever a
+        position is not one more than the one before, and attends only to itself."""
         B, T = ids.shape
         if T > self.max_seq_len:
             raise ModelError(
@@ -197,6 +213,11 @@ class GPT(nn.Module):
         x = self.dropout(self.embed_tokens(ids))                         # (B, T, C)
         cos = self.rope_cos[:T].to(x.dtype)                              # (T, D)
         sin = self.rope_sin[:T].to(x.dtype)                              # (T, D)
+        mask = None
+        if position_ids is not None:
+            cos = self.rope_cos[position_ids].to(x.dtype).unsqueeze(1)   # (B, 1, T, D)
+            sin = self.rope_sin[position_ids].to(x.dtype).unsqueeze(1)   # (B, 1, T, D)
+            mask = packed_mask(position_ids)                             # (B, 1, T, T)
         for block in self.layers:
-            x = block(x, cos, sin)                                       # (B, T, C)
+            x = block(x, cos, sin, mask)                                 # (B, T, C)
         return self.lm_head(self.norm(x))                                # (B, T, vocab)

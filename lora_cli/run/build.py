@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from .. import data as datalib
+from ..data import token_cache
+from ..data.packing import PackedTextData, pack, packed_batch
 from ..errors import ConfigError, UserError
 from ..lora.fingerprint import base_fingerprint
 from ..lora.inject import apply_lora, get_spec, lora_layers
@@ -30,7 +35,7 @@ from .config import Config
 class Datasets:
     """Training and (optional) held-out data, with what the model needs to know of them."""
 
-    train: datalib.TabularData | datalib.TextData
+    train: datalib.TabularData | datalib.TextData | PackedTextData
     eval: datalib.TabularData | datalib.TextData | None
     tokenizer: ByteTokenizer | None = None
     label_map: dict[str, int] | None = None
@@ -102,13 +107,31 @@ def make_tokenizer(cfg: Config):
     return ByteTokenizer() if cfg.task == "causal_lm" else None
 
 
+TOKENIZER_FILES = re.compile(r"(tokenizer|special_tokens_map|added_tokens|vocab|merges|chat_template).*|.*\.model")
+
+
+def tokenizer_identity(cfg: Config, tokenizer) -> str:
+    """What the tokens of a text depend on besides the text: the tokenizer's class and,
+    for a model directory, the bytes of its tokenizer files."""
+    h = hashlib.sha256(f"{type(tokenizer).__module__}.{type(tokenizer).__qualname__}".encode())
+    inner = getattr(tokenizer, "tok", None)
+    if inner is not None:
+        h.update(f"/{type(inner).__qualname__}".encode())
+    if cfg.model.hf:
+        for file in sorted(Path(cfg.model.hf).iterdir()):
+            if file.is_file() and TOKENIZER_FILES.fullmatch(file.name):
+                h.update(b"\0" + file.name.encode() + b"\0" + file.read_bytes())
+    return h.hexdigest()
+
+
 def read_split(cfg: Config, path: str, *, tokenizer=None, label_map: dict | None = None,
                features: list[str] | None = None):
     """One data file read the way ``cfg`` says: tokenized text, labelled text, or a table."""
     d = cfg.data
-    if cfg.task == "causal_lm":
-        return datalib.load_text(path, tokenizer=tokenizer, text_field=d.text_field, max_seq_len=d.max_seq_len,
-                                 train_on_prompt=d.train_on_prompt)
+    if cfg.task == "causal_lm":            # tokenized once: later runs read the cache (data/token_cache.py)
+        settings = {"text_field": d.text_field, "max_seq_len": d.max_seq_len, "train_on_prompt": d.train_on_prompt}
+        return token_cache.cached(path, tokenizer_identity(cfg, tokenizer),
+                                  lambda: datalib.load_text(path, tokenizer=tokenizer, **settings), **settings)
     if tokenizer is not None:
         return datalib.load_text_classification(path, tokenizer=tokenizer, text_field=d.text_field,
                                                 target=d.target, max_seq_len=d.max_seq_len, label_map=label_map)
@@ -125,6 +148,8 @@ def load_data(cfg: Config) -> Datasets:
                       features=features) if cfg.data.eval else None
     if cfg.data.val_split:
         train, held = datalib.split(train, cfg.data.val_split, cfg.seed)
+    if cfg.task == "causal_lm" and cfg.data.packing:
+        train = pack(train, cfg.data.max_seq_len - 1)     # rows of as many inputs as an unpacked example has
     return Datasets(train, held, tokenizer=tok, label_map=label_map, features=features)
 
 
@@ -271,21 +296,30 @@ def _check_sequence_length(cfg: Config, model: nn.Module, data: Datasets) -> Non
     """The longest example must fit the model's positions, or training fails mid-run."""
     limit = getattr(model, "max_seq_len", None) or getattr(getattr(model, "config", None),
                                                             "max_position_embeddings", None)
-    if not isinstance(limit, int) or not isinstance(data.train, (datalib.TextData, datalib.TextClassData)):
+    if not isinstance(limit, int) or not isinstance(data.train, (datalib.TextData, datalib.TextClassData,
+                                                                 PackedTextData)):
         return
-    parts = [part for part in (data.train, data.eval) if part is not None]
+    parts = [part.data if isinstance(part, PackedTextData) else part for part in (data.train, data.eval)
+             if part is not None]
     longest = max(len(ex[0] if isinstance(ex, tuple) else ex) for part in parts for ex in part.examples)
     inputs = longest - 1 if cfg.task == "causal_lm" else longest
     if inputs > limit:
         raise ConfigError([f"data.max_seq_len: examples up to {longest} tokens feed {inputs} positions, but the "
                            f"model has {limit}"], fix=f"set data.max_seq_len <= {limit + (cfg.task == 'causal_lm')}")
+    if isinstance(data.train, PackedTextData):
+        row = max((data.train.row_length(j) for j in range(len(data.train))), default=0)
+        if row > limit:
+            raise ConfigError([f"data.max_seq_len: packed rows of up to {row} positions, but the model has {limit}"],
+                              fix=f"set data.max_seq_len <= {limit + 1} with data.packing")
 
 
 def batches(data, order: torch.Tensor, batch_size: int, pad_id: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(inputs, targets) for consecutive chunks of ``order``."""
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        if isinstance(data, datalib.TextData):
+        if isinstance(data, PackedTextData):
+            yield packed_batch(data, idx, pad_id)
+        elif isinstance(data, datalib.TextData):
             yield datalib.text_batch(data, idx, pad_id)
         elif isinstance(data, datalib.TextClassData):
             yield datalib.text_class_batch(data, idx, pad_id)

@@ -83,6 +83,10 @@ class DataSection:
     text_field: str = _field("text", "JSONL field holding the text (causal_lm, or text classification with hf).")
     train_on_prompt: bool = _field(False, "causal_lm: also train on prompt tokens, not only on the answer.")
     max_seq_len: int = _field(256, "Longest token sequence for causal_lm; longer text is cut (>= 2).")
+    packing: bool = _field(False, "causal_lm (built-in gpt or model.hf): pack several training examples into "
+                           "each sequence of max_seq_len, each attending only to itself: no padding work.")
+    group_by_length: bool = _field(False, "Batch training examples of similar length together (order still "
+                                   "seeded and resumable): less padding where packing is not used.")
 
 
 @dataclass(kw_only=True)

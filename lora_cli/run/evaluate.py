@@ -16,13 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import lm_loss
+
 IGNORE = -100
 
 
-def forward(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+def forward(model: nn.Module, inputs) -> torch.Tensor:
     """The model's prediction tensor (Hugging Face outputs carry it as ``.logits``)."""
-    out = model(inputs)
-    return out.logits if hasattr(out, "logits") else out
+    return lm_loss.model_output(model, inputs)
 
 
 def loss_fn(task: str, output: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -90,6 +91,10 @@ class _Tally:
             self.correct += int((logits[keep].argmax(-1) == labels[keep]).sum())
             self.n += int(keep.sum())
 
+    def add_sums(self, loss_sum: float, correct: int, n: int) -> None:
+        """Add a causal LM batch already reduced (by :func:`lm_loss.tally`)."""
+        self.loss_sum, self.correct, self.n = self.loss_sum + loss_sum, self.correct + correct, self.n + n
+
     _SUMS = ("n", "loss_sum", "abs_sum", "y_sum", "y_sq_sum", "correct")
 
     def combine(self, total: Callable[[torch.Tensor], torch.Tensor]) -> None:
@@ -131,22 +136,27 @@ def macro_f1(confusion: torch.Tensor) -> float:
 def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], task: str, *,
              num_classes: int | None = None, device: torch.device | str = "cpu",
              autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-             total: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
+             total: Callable[[torch.Tensor], torch.Tensor] | None = None, head_only: bool = True) -> dict:
     """Metrics of ``model`` over ``batches`` of (inputs, targets), in eval mode.
 
     With several workers each passes its own share of the batches and ``total`` (a sum
     over workers), so every worker gets the metrics of the whole set. The model's
-    train/eval mode is restored afterwards.
+    train/eval mode is restored afterwards. A causal LM runs its head only on the target
+    tokens (:mod:`lm_loss`) unless ``head_only`` is False (a model sharded by fsdp).
     """
     was_training = model.training
     model.eval()
     tally = _Tally(task, num_classes)
+    where = lm_loss.head_of(model) if task == "causal_lm" and head_only else None
     try:
         for inputs, target in batches:
-            inputs, target = inputs.to(device), target.to(device)
+            inputs = {k: v.to(device) for k, v in inputs.items()} if isinstance(inputs, dict) else inputs.to(device)
             with autocast():
+                if where is not None:
+                    tally.add_sums(*lm_loss.tally(model, where, inputs, target, device))
+                    continue
                 output = forward(model, inputs)
-            tally.add(output, target)
+            tally.add(output, target.to(device))
     finally:
         model.train(was_training)
     if total is not None:

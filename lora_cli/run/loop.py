@@ -38,6 +38,7 @@ from ..lora.kernel import sharing_dropout
 from ..lora.loraplus import loraplus_param_groups
 from . import checkpoint as ckpt
 from . import distributed as dist
+from . import lm_loss
 from .build import autocast_for, batches
 from .config import config_to_dict
 from .evaluate import evaluate, forward, ignore_rows, loss_fn, loss_items
@@ -91,6 +92,23 @@ def lr_factor(step: int, *, total: int, warmup: int, kind: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def head_only(task: str, model: torch.nn.Module, world) -> tuple | None:
+    """Where the causal LM head is (:func:`lm_loss.head_of`) when the step may run it on
+    the loss positions alone: one process, or ddp with a frozen head (fsdp shards it)."""
+    where = lm_loss.head_of(model) if task == "causal_lm" else None
+    if where is None or not world.distributed:
+        return where
+    frozen = not any(q.requires_grad for q in where[2].parameters())
+    return where if world.strategy == "ddp" and frozen else None
+
+
+def to_device(inputs, device: torch.device):
+    """A batch's inputs on ``device``: a tensor, or a packed batch's dict of tensors."""
+    if isinstance(inputs, dict):
+        return {k: v.to(device) for k, v in inputs.items()}
+    return inputs.to(device)
+
+
 @dataclass
 class Step:
     """What one optimizer step left on the device, and what the host knows of it."""
@@ -119,6 +137,7 @@ class Run:
         self.gradient_bytes = dist.gradient_bytes(model, world)
         self.weight_bytes = dist.weight_bytes(model)
         self.engine = dist.wrap(model, world, p.device)
+        self.head = head_only(cfg.task, model, world)       # causal LM: the head runs only where the loss is
         self.params = [q for q in self.engine.parameters() if q.requires_grad]
         self.optimizer = make_optimizer(cfg, self.params if t.loraplus_lr_ratio is None else loraplus_param_groups(
             dist.inner(self.engine), t.lr, t.loraplus_lr_ratio))
@@ -172,7 +191,7 @@ class Run:
             loop.eval_base = loop.eval_final = self.evaluate()
         self.window_start = time.perf_counter()     # the logged rates count training steps only
         while loop.step < p.total_steps:
-            order = datalib.epoch_order(len(data.train), seed=self.cfg.seed, epoch=loop.epoch)
+            order = self.epoch_order(loop.epoch)
             mine, keep = dist.epoch_share(order, self.world, done=loop.step_in_epoch * p.global_batch)
             micro = zip(batches(data.train, mine, t.batch_size, self.pad), keep.split(t.batch_size))
             epoch_done = False
@@ -186,6 +205,17 @@ class Run:
             loop.eval_final = self.evaluate()
         self.reporter.finish()
         return time.perf_counter() - started
+
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        """The training examples' order in ``epoch``; with data.group_by_length each
+        micro-batch (on every worker) holds examples of similar length."""
+        train, sizes = self.data.train, None
+        if self.cfg.data.group_by_length:
+            sizes = datalib.lengths(train)
+        if sizes is None:
+            return datalib.epoch_order(len(train), seed=self.cfg.seed, epoch=epoch)
+        return datalib.length_grouped_order(sizes, seed=self.cfg.seed, epoch=epoch,
+                                            group=self.t.batch_size * self.world.size)
 
     def step(self, group: list[tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]]) -> Step:
         """One optimizer step over ``group``'s micro-batches (this worker's share: each a
@@ -203,14 +233,18 @@ class Run:
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         items = 0
         for i, (inputs, target, keep) in enumerate(group):
-            inputs, target = inputs.to(device), target.to(device)
+            ids = inputs["input_ids"] if isinstance(inputs, dict) else inputs      # on the host
+            items += ids[keep].numel() if self.p.unit == "tokens" else int(keep.sum())
+            inputs = to_device(inputs, device)
             with dist.gradient_sync(self.engine, world, enabled=i == len(group) - 1):
                 with self.autocast(), sharing_dropout(cfg.lora.dropout_shared):
-                    output = forward(self.engine, inputs)
-                    loss = loss_fn(cfg.task, output, target, reduction="sum") * scale
+                    if self.head is not None:
+                        loss = lm_loss.loss_sum(self.engine, self.head, inputs, target, device) * scale
+                    else:
+                        output = forward(self.engine, inputs)
+                        loss = loss_fn(cfg.task, output, target.to(device), reduction="sum") * scale
                 scaler.scale(loss).backward()
             loss_sum += loss.detach().double() / world.size
-            items += inputs[keep].numel() if self.p.unit == "tokens" else int(keep.sum())
         scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, t.clip_grad_norm or float("inf"))
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
@@ -306,11 +340,12 @@ class Run:
         world, data, loop = self.world, self.data, self.loop
         started = time.perf_counter()
         sharded = world.distributed and world.strategy == "ddp"
-        order = torch.arange(len(data.eval))
+        order = datalib.by_length(data.eval)              # longest first: batches of similar length
         mine = dist.shard(order, world) if sharded else order
         metrics = evaluate(dist.inner(self.engine), batches(data.eval, mine, self.t.batch_size, self.pad),
                            self.cfg.task, num_classes=data.num_classes, device=self.p.device,
-                           autocast=self.autocast, total=world.sum_tensor if sharded else None)
+                           autocast=self.autocast, total=world.sum_tensor if sharded else None,
+                           head_only=not (world.distributed and world.strategy == "fsdp"))
         row = {"step": loop.step, "epoch": round(loop.step / self.p.steps_per_epoch, 4),
                **{f"eval_{k}": v for k, v in metrics.items() if k not in ("confusion", "n")}}
         self.write_row(row)

@@ -239,6 +239,11 @@ def check_together(values: dict, problems: list[str], check_files: bool) -> None
                         "keep eval (a held-out file) or val_split (a fraction of train)")
     if data.get("features") and data.get("target") in data["features"]:
         problems.append(f"data.features: must not include the target column {data['target']!r}")
+    if data.get("packing") and values.get("task") != "causal_lm":
+        problems.append(f"data.packing: packs causal_lm sequences only, but task is {values.get('task')!r}; remove it")
+    elif data.get("packing") and model.get("class_path") is not None:
+        problems.append("data.packing: needs a model that takes position_ids (model.arch: gpt, or model.hf); "
+                        "use data.group_by_length with model.class_path")
     targets = lora.get("target_modules")
     if isinstance(targets, str) and targets != choices.TARGET_ALL_LINEAR:
         try:
@@ -406,6 +411,7 @@ _FOREIGN_KEYS: dict[str, Any] = {
     "sequence_len": _is("data.max_seq_len"), "max_seq_length": _is("data.max_seq_len"),
     "max_length": _is("data.max_seq_len"), "cutoff_len": _is("data.max_seq_len"),
     "train_on_inputs": _is("data.train_on_prompt"),
+    "sample_packing": _is("data.packing"),
     "val_set_size": _fixed("write data.val_split: a fraction of train, 0 < x < 1"),
     "dataset": _fixed("write data.train: a local .jsonl, .csv or .txt file"),
     "datasets": _fixed("write data.train: a local .jsonl, .csv or .txt file"),
