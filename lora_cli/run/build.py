@@ -21,6 +21,7 @@ from ..errors import ConfigError, UserError
 from ..lora.fingerprint import base_fingerprint
 from ..lora.inject import apply_lora, get_spec, lora_layers
 from ..lora.weight_files import DTYPES, first_non_finite, weight_shapes
+from ..models.checkpointing import enable_gradient_checkpointing
 from ..models import build_model, check_built_in_fits, infer_args, load_base_weights
 from ..models.tokenizers import ByteTokenizer
 from .config import Config
@@ -231,6 +232,9 @@ def build(cfg: Config, *, search_path: str | os.PathLike | None = None) -> Built
         apply_lora(model, rank=lo.rank, alpha=lo.alpha, target_modules=lo.target_modules, dropout=lo.dropout,
                    use_rslora=lo.use_rslora, bias=lo.bias, modules_to_save=saved,
                    exclude_modules=lo.exclude_modules)
+    if cfg.train.gradient_checkpointing:
+        note = enable_gradient_checkpointing(model)
+        notes.extend([note] if note else [])
     wasted = [(path, layer) for path, layer in lora_layers(model).items() if layer.rank > min(layer.weight.shape)]
     if wasted:
         path, layer = wasted[0]

@@ -132,6 +132,9 @@ class TrainSection:
         "ddp", "With several workers (--nproc-per-node N, or torchrun): ddp gives each a whole model and "
         "averages the adapter's gradients; fsdp also splits the frozen base across them. "
         "A single process ignores it.")
+    gradient_checkpointing: bool = _field(
+        False, "Recompute each block's activations in backward instead of keeping them: less memory "
+        "(activations of one block instead of all), about one more forward pass of time. Same result.")
 
 
 @dataclass(kw_only=True)
