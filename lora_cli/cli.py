@@ -359,7 +359,7 @@ def merge_command(
     verify_merged = prepare_verification(adapters[0], base, data=data, code=code) if verify else None
     report = merge_checkpoint(base, loaded, output, weights=factors, dtype=dtype, force=force,
                               check_base=not ignore_fingerprint)
-    show_merge(report)
+    show_merge(report, loaded)
     if verify_merged is not None:
         result = verify_merged(report.output)
         show_verification(result)

@@ -252,8 +252,15 @@ def show_json(data) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
-def show_merge(report) -> None:
-    """What lora-merge did."""
+def show_merge(report, adapters=()) -> None:
+    """What lora-merge did (and, for an adapter trained on a quantized base, into what)."""
+    for adapter in adapters:
+        saved = adapter.meta.get("config") if isinstance(adapter.meta, dict) else None
+        kind = ((saved or {}).get("model") or {}).get("quantize") if isinstance(saved, dict) else None
+        if kind:
+            show_note(f"{_literal(str(adapter.source))} was trained on a {kind}-quantized copy of the base: it is "
+                      "merged into the original float weights of the base file given, never into the "
+                      "quantized copy (lora-eval shows both)")
     _line(f"merged {len(report.changed)} of {report.tensors} tensors into [bold]{_literal(str(report.output))}[/] "
           f"({report.format}, {_size(report.bytes)})")
     if report.added:

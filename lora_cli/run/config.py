@@ -68,6 +68,9 @@ class ModelSection:
         required="a path to the base weights (.pt or .safetensors), "
         "or null to start from random weights (demo only)",
     )
+    quantize: str | None = _field(
+        None, "Store the frozen base's Linear weights quantized, computed in dtype (QLoRA): nf4 (4-bit, "
+        "1/8 of float32) or int8 (1/4); null keeps them in dtype. Needs the quant extra (torchao).")
 
 
 @dataclass(kw_only=True)

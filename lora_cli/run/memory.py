@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..models.quantize import is_quantized, stored_bytes
 from .distributed import _shard_units
 from .evaluate import forward, loss_fn
 
@@ -106,9 +107,8 @@ def _storage_key(t: torch.Tensor) -> tuple[str, int]:
 
 
 def _storage_bytes(t: torch.Tensor) -> int:
-    packed = getattr(t, "storage_bytes", None)          # a quantized tensor subclass says its own
-    if callable(packed):
-        return int(packed())
+    if is_quantized(t):                                 # torchao's: the sum of its inner tensors
+        return stored_bytes(t)
     try:
         return t.untyped_storage().nbytes()
     except (RuntimeError, NotImplementedError):         # a wrapper subclass without one storage
@@ -131,7 +131,7 @@ def _checkpointing_off(model: nn.Module):
 def measure_activations(model: nn.Module, task: str, inputs: torch.Tensor, target: torch.Tensor) -> Activations:
     """Bytes autograd saves for backward in one forward pass and loss of ``inputs`` (B, ...),
     divided by B: per example."""
-    params = {_storage_key(p) for p in model.parameters()} | {_storage_key(b) for b in model.buffers()}
+    params = {_storage_key(p) for p in [*model.parameters(), *model.buffers()] if not is_quantized(p)}
     seen: set[tuple[str, int]] = set()
     units = _shard_units(model)
     blocks = [0] * len(units)
@@ -141,7 +141,7 @@ def measure_activations(model: nn.Module, task: str, inputs: torch.Tensor, targe
 
     def pack(t: torch.Tensor):
         nonlocal outside, largest
-        if t.device.type != "meta":
+        if t.device.type != "meta" and not is_quantized(t):      # a quantized tensor is a frozen weight
             key = _storage_key(t)
             if key not in params and key not in seen:
                 seen.add(key)
