@@ -17,8 +17,9 @@ SCHEDULERS = ("cosine", "linear", "constant")
 STRATEGIES = ("ddp", "fsdp")
 RESUME = ("never", "auto")
 ON_NAN = ("stop", "skip")
+QUANTIZE = ("nf4", "int8")                       # quantized frozen bases (lora_cli.models.quantize)
 BIASES = BIAS_CHOICES
 TARGET_ALL_LINEAR = ALL_LINEAR
 
-__all__ = ["ARCHS", "BIASES", "DEVICES", "DEVICE_PATTERN", "DTYPES", "ON_NAN", "OPTIMIZERS", "RESUME",
+__all__ = ["ARCHS", "BIASES", "DEVICES", "DEVICE_PATTERN", "DTYPES", "ON_NAN", "OPTIMIZERS", "QUANTIZE", "RESUME",
            "SCHEDULERS", "STRATEGIES", "TABULAR_TASKS", "TARGET_ALL_LINEAR", "TASKS"]

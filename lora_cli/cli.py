@@ -133,6 +133,9 @@ def train_command(
                                        help="Copy example config NAME, and the files it reads, to edit and "
                                        "run; then exit."),
     version: bool = _version_option(),
+    memory_limit: Optional[float] = typer.Option(
+        None, "--memory-limit", metavar="GB", min=0.001, show_default=False,
+        help="With --dry-run: also say the largest batch_size whose estimated peak fits GB (1 GB = 1e9 bytes)."),
 ) -> None:
     """Train a LoRA adapter as CONFIG describes; save it to output_dir/adapter."""
     if list_configs or init is not None:
@@ -159,13 +162,20 @@ def train_command(
     if dist.launched() and nproc_per_node:
         raise UserError("--nproc-per-node starts workers, but this process already is one (torchrun "
                         "started it)", where="--nproc-per-node", fix="leave --nproc-per-node out under torchrun")
+    if memory_limit is not None and not dry_run:
+        raise UserError("--memory-limit sizes the batch in a plan: it goes with --dry-run", where="--memory-limit",
+                        fix="lora-train CONFIG --dry-run --memory-limit GB")
     if dry_run:             # under torchrun, rank 0 shows the plan of the whole run
+        from .console import show_memory
+        from .run.memory import estimate
         from .run.train import plan
         if dist.launched():
             if os.environ["RANK"] != "0":
                 return
             workers = int(os.environ["WORLD_SIZE"])
-        show_plan(plan(cfg, search_path=search_path, world=dist.World(size=workers, strategy=cfg.train.strategy)))
+        planned = plan(cfg, search_path=search_path, world=dist.World(size=workers, strategy=cfg.train.strategy))
+        show_plan(planned)
+        show_memory(estimate(planned), memory_limit)
     elif dist.launched():
         _train_worker(cfg, config, overrides, overwrite=overwrite, resume=resume, search_path=search_path, **kept)
     elif workers > 1:
@@ -349,7 +359,7 @@ def merge_command(
     verify_merged = prepare_verification(adapters[0], base, data=data, code=code) if verify else None
     report = merge_checkpoint(base, loaded, output, weights=factors, dtype=dtype, force=force,
                               check_base=not ignore_fingerprint)
-    show_merge(report)
+    show_merge(report, loaded)
     if verify_merged is not None:
         result = verify_merged(report.output)
         show_verification(result)

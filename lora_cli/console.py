@@ -254,8 +254,15 @@ def show_json(data) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
-def show_merge(report) -> None:
-    """What lora-merge did."""
+def show_merge(report, adapters=()) -> None:
+    """What lora-merge did (and, for an adapter trained on a quantized base, into what)."""
+    for adapter in adapters:
+        saved = adapter.meta.get("config") if isinstance(adapter.meta, dict) else None
+        kind = ((saved or {}).get("model") or {}).get("quantize") if isinstance(saved, dict) else None
+        if kind:
+            show_note(f"{_literal(str(adapter.source))} was trained on a {kind}-quantized copy of the base: it is "
+                      "merged into the original float weights of the base file given, never into the "
+                      "quantized copy (lora-eval shows both)")
     _line(f"merged {len(report.changed)} of {report.tensors} tensors into [bold]{_literal(str(report.output))}[/] "
           f"({report.format}, {_size(report.bytes)})")
     if report.added:
@@ -335,3 +342,34 @@ def show_init(result) -> None:
         out.print(f"before training, edit {result.config} to name your own files: {keys}",
                   markup=False, soft_wrap=True)
     out.print(f"train it with: lora-train {shlex.quote(str(result.config))}", markup=False, soft_wrap=True)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB" if n < 1e9 else f"{n / 1e9:,.2f} GB"
+
+
+def show_memory(est, limit_gb: float | None = None) -> None:
+    """The plan's memory estimate by part, per worker, and the batch that fits ``limit_gb``."""
+    who = f"per worker ({est.workers} workers, {est.strategy})" if est.workers > 1 else "one process"
+    table = Table(title=f"memory estimate, {who}", title_justify="left")
+    table.add_column("part")
+    table.add_column("bytes", justify="right")
+    for name, n in est.parts():
+        table.add_row(name, _mb(n))
+    table.add_row("[bold]peak[/] (tensors; not the torch runtime)", f"[bold]{_mb(est.total())}[/]")
+    out.print(table)
+    if est.per_example is None:
+        show_note(f"activations not measured: one forward pass of the longest example failed ({est.why})")
+        return
+    other = not est.checkpointing
+    _line(f"activations per example: {_mb(est.activations(1, False))}, with gradient checkpointing "
+          f"{_mb(est.activations(1, True))}; {'train.gradient_checkpointing=true' if other else 'without it'}: "
+          f"peak {_mb(est.total(checkpointing=other))}")
+    if limit_gb is not None:
+        fits = {ck: est.largest_batch(limit_gb * 1e9, ck) for ck in (False, True)}
+        if fits[est.checkpointing]:
+            _line(f"--memory-limit {limit_gb:g} GB: batch_size up to [bold]{fits[est.checkpointing]}[/] fits "
+                  f"(with gradient checkpointing {fits[True]}, without {fits[False]})")
+        else:
+            _line(f"--memory-limit {limit_gb:g} GB: no batch fits (the weights, gradients and optimizer alone "
+                  f"take {_mb(est.fixed)}); try model.quantize, train.strategy=fsdp or a smaller model")

@@ -106,13 +106,28 @@ def _dropped(x: torch.Tensor, x2: torch.Tensor, p: float) -> tuple[torch.Tensor,
     return torch.where(keep, x2, 0), keep, p_eff
 
 
+def packed(weight: torch.Tensor) -> bool:
+    """A quantized base weight: a tensor subclass (torchao's NF4 or int8) that stands for a dense matrix."""
+    return type(weight) not in (torch.Tensor, torch.nn.Parameter)
+
+
+def dense(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The matrix a weight stands for, in ``dtype``: a quantized one is dequantized for this use only
+    (it stays packed in the model and in what backward saves)."""
+    if not packed(weight):
+        return weight
+    undo = getattr(weight, "get_original_weight", None) or weight.dequantize   # NF4 / int8
+    return undo().to(dtype)
+
+
 class LoraLinearFunction(torch.autograd.Function):
     """y = x W^T + b + s ((K * x) A^T) B^T, with the backward above. 2-D inputs only."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropped, keep):
         # x: (N, in); weight: (out, in); dropped: K * x (or x itself); keep: (N, in) bool or None
-        out = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()   # (N, out)
+        w = dense(weight, x.dtype)                                                       # (out, in)
+        out = torch.addmm(bias, x, w.t()) if bias is not None else x @ w.t()             # (N, out)
         h = dropped @ lora_A.t()                                                         # (N, r)
         out.addmm_(h, lora_B.t(), alpha=scaling)
         ctx.scaling = scaling
@@ -127,7 +142,7 @@ class LoraLinearFunction(torch.autograd.Function):
         g_h = (g @ lora_B).mul_(s) if (need_x or need_a) else None                       # (N, r)
         g_x = g_w = g_b = g_a = g_bb = None
         if need_x:
-            g_x = g @ weight                                                             # (N, in)
+            g_x = g @ dense(weight, g.dtype)                                             # (N, in)
             if keep is None:
                 g_x.addmm_(g_h, lora_A)
             else:
@@ -169,6 +184,6 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     else:
         dropped, keep = x2, None
     with torch.autocast(x.device.type, enabled=False):
-        out = LoraLinearFunction.apply(x2, weight.to(dtype), None if bias is None else bias.to(dtype),
+        out = LoraLinearFunction.apply(x2, weight if packed(weight) else weight.to(dtype), None if bias is None else bias.to(dtype),
                                        lora_A.to(dtype), lora_B.to(dtype), scaling, dropped, keep)
     return out.view(*lead, out.shape[-1])

@@ -20,6 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..errors import ModelError
 
@@ -151,7 +152,12 @@ class GPT(nn.Module):
         d_ff: SwiGLU hidden size; default 8/3 * d_model rounded up to a multiple of 64.
         dropout: on attention weights and residual branches (0 for fine-tuning).
         tie_embeddings: share one matrix between ``embed_tokens`` and ``lm_head``.
+
+    ``gradient_checkpointing = True`` recomputes each block in backward instead of keeping
+    its activations (see :mod:`lora_cli.models.checkpointing`).
     """
+
+    gradient_checkpointing: bool = False
 
     def __init__(self, vocab_size: int = 257, max_seq_len: int = 256, n_layer: int = 4, n_head: int = 4,
                  d_model: int = 128, d_ff: int | None = None, dropout: float = 0.0,
@@ -218,6 +224,10 @@ class GPT(nn.Module):
             cos = self.rope_cos[position_ids].to(x.dtype).unsqueeze(1)   # (B, 1, T, D)
             sin = self.rope_sin[position_ids].to(x.dtype).unsqueeze(1)   # (B, 1, T, D)
             mask = packed_mask(position_ids)                             # (B, 1, T, T)
+        recompute = self.gradient_checkpointing and torch.is_grad_enabled()
         for block in self.layers:
-            x = block(x, cos, sin, mask)                                 # (B, T, C)
+            if recompute:   # keep only the block's input; its activations are recomputed in backward
+                x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)  # (B, T, C)
+            else:
+                x = block(x, cos, sin, mask)                             # (B, T, C)
         return self.lm_head(self.norm(x))                                # (B, T, vocab)

@@ -26,6 +26,8 @@ from ..errors import ConfigError, UserError
 from ..lora.fingerprint import base_fingerprint
 from ..lora.inject import apply_lora, get_spec, lora_layers
 from ..lora.weight_files import DTYPES, first_non_finite, weight_shapes
+from ..models.checkpointing import enable_gradient_checkpointing
+from ..models.quantize import is_quantized, quantize_model
 from ..models import build_model, check_built_in_fits, infer_args, load_base_weights
 from ..models.tokenizers import ByteTokenizer
 from .config import Config
@@ -258,6 +260,9 @@ def build(cfg: Config, *, search_path: str | os.PathLike | None = None) -> Built
                    exclude_modules=lo.exclude_modules, use_dora=lo.use_dora, rank_pattern=lo.rank_pattern,
                    alpha_pattern=lo.alpha_pattern, layers_to_transform=lo.layers_to_transform,
                    layers_pattern=lo.layers_pattern)
+    if cfg.train.gradient_checkpointing:
+        note = enable_gradient_checkpointing(model)
+        notes.extend([note] if note else [])
     wasted = [(path, layer) for path, layer in lora_layers(model).items() if layer.rank > min(layer.weight.shape)]
     if wasted:
         path, layer = wasted[0]
@@ -278,9 +283,11 @@ def build(cfg: Config, *, search_path: str | os.PathLike | None = None) -> Built
                      "boundary); their completion is tokenized on its own. Moving trailing whitespace from the "
                      "prompt to the completion usually avoids this")
     fingerprint = base_fingerprint(model)
+    if cfg.model.quantize:       # of the float base as loaded: merges go into that file
+        notes.extend(quantize_model(model, cfg.model.quantize, DTYPES[cfg.dtype]))
     if cfg.dtype != "float32":   # frozen base tensors in the compute dtype, trainable ones float32
         for name, p in model.named_parameters():
-            if not p.requires_grad:
+            if not p.requires_grad and not is_quantized(p):
                 cast = p.data.to(DTYPES[cfg.dtype])
                 if first_non_finite(cast) is not None and first_non_finite(p.data) is None:
                     raise ConfigError([f"dtype: the base tensor '{name}' overflows {cfg.dtype} (its largest "

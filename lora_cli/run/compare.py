@@ -20,7 +20,8 @@ from ..errors import UserError
 from ..lora.adapter import load_adapter, read_adapter
 from ..lora.model_folder import shard_files
 from ..lora.safetensors_io import SafetensorsReader
-from ..lora.weight_files import read_state_dict
+from ..lora.weight_files import DTYPES, read_state_dict
+from ..models.quantize import quantize_model
 from .build import autocast_for, batches, build_base, load_heldout, resolve_device
 from .config import load_config
 from .evaluate import evaluate, forward
@@ -119,7 +120,18 @@ def compare(source: str | os.PathLike, *, data: str | None = None, merged: str |
 
     # sizes are checked before anything is allocated; with --ignore-fingerprint only the model's size
     model, _, _ = build_base(cfg, held, search_path=search, expect=fingerprint_shapes(adapter), exact=check_base)
-    base_metrics = run(model)
+    if cfg.model.quantize:      # the base the adapter was trained on; the adapter is checked against the float one
+        quantize_model(model, cfg.model.quantize, DTYPES[cfg.dtype])
+        base_metrics = run(model)
+        del model
+        model, _, _ = build_base(cfg, held, search_path=search, expect=fingerprint_shapes(adapter), exact=check_base)
+        if not merged:
+            load_adapter(model, adapter, check_base=check_base)
+            quantize_model(model, cfg.model.quantize, DTYPES[cfg.dtype])
+            return Comparison(task=cfg.task, data=held.eval.source, base=base_metrics, adapted=run(model),
+                              adapted_label=f"adapted ({cfg.model.quantize} base)")
+    else:
+        base_metrics = run(model)
     if merged:
         fresh, _, _ = build_base(cfg, held, search_path=search, weights=merged)
         adapted, label = run(fresh), "merged"

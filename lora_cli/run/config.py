@@ -68,6 +68,9 @@ class ModelSection:
         required="a path to the base weights (.pt or .safetensors), "
         "or null to start from random weights (demo only)",
     )
+    quantize: str | None = _field(
+        None, "Store the frozen base's Linear weights quantized, computed in dtype (QLoRA): nf4 (4-bit, "
+        "1/8 of float32) or int8 (1/4); null keeps them in dtype. Needs the quant extra (torchao).")
 
 
 @dataclass(kw_only=True)
@@ -151,6 +154,9 @@ class TrainSection:
     loraplus_lr_ratio: float | None = _field(
         None, "LoRA+: the B factors (lora_B, lora_embedding_B) learn at lr x this, A and the rest at lr "
         "(> 0; the paper suggests 16); null: off.")
+    gradient_checkpointing: bool = _field(
+        False, "Recompute each block's activations in backward instead of keeping them: less memory "
+        "(activations of one block instead of all), about one more forward pass of time. Same result.")
 
 
 @dataclass(kw_only=True)

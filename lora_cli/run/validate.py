@@ -45,6 +45,7 @@ RULES: dict[str, Rule] = {
     "output_dir": Rule(nonempty=True),
     "task": Rule(choices=choices.TASKS),
     "model.arch": Rule(choices=choices.ARCHS),
+    "model.quantize": Rule(choices=choices.QUANTIZE),
     "data.train": Rule(nonempty=True),
     "data.val_split": Rule(min=0, max=1, min_open=True, max_open=True),
     "data.features": Rule(nonempty=True),
@@ -418,6 +419,8 @@ _FOREIGN_KEYS: dict[str, Any] = {
     "base_model": _fixed("write model.hf: a model directory on disk (nothing is downloaded)"),
     "model_name_or_path": _fixed("write model.hf: a model directory on disk (nothing is downloaded)"),
     "task_type": _fixed("write task: causal_lm or classification"),
+    "load_in_4bit": _fixed("write model.quantize: nf4"), "load_in_8bit": _fixed("write model.quantize: int8"),
+    "quantization": _fixed("write model.quantize: nf4 or int8"), "bnb_4bit_quant_type": _is("model.quantize"),
 }
 
 
