@@ -37,6 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..lora.kernel import dense
+
 IGNORE = -100
 
 CHUNK_BYTES = 64 * 2**20
@@ -145,8 +147,8 @@ def head_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> to
     rows = chunk_rows(vocab)
     bias = getattr(head, "bias", None)
     frozen = type(head) is nn.Linear and not any(p.requires_grad for p in head.parameters())
-    if frozen:
-        return _FrozenLinearCrossEntropy.apply(hidden, weight, bias, labels, rows)
+    if frozen:   # a quantized head (model.quantize) is dequantized once for the whole step
+        return _FrozenLinearCrossEntropy.apply(hidden, dense(weight, hidden.dtype), bias, labels, rows)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], rows):
         h, y = hidden[start:start + rows], labels[start:start + rows]

@@ -177,7 +177,7 @@ def measure_activations(model: nn.Module, task: str, inputs: torch.Tensor, targe
         for h in handles:
             h.remove()
         model.train(was_training)
-    b = max(1, inputs.shape[0])
+    b = max(1, (inputs["input_ids"] if isinstance(inputs, dict) else inputs).shape[0])   # packed: a dict
     return Activations(outside=outside // b, blocks=tuple(n // b for n in blocks),
                        block_inputs=tuple(n // b for n in inputs_of), largest=largest // b,
                        output=out_bytes // b)
