@@ -31,15 +31,21 @@ def rows(n: int, seed: int) -> str:
     return "a,b,c,y\n" + "".join(",".join(f"{v:.5f}" for v in r) + f",{t:.5f}\n" for r, t in zip(x.tolist(), y.tolist()))
 
 
+def make_project(root: Path) -> Path:
+    """train.csv, eval.csv (y linear in a, b, c) and a random base in ``root``."""
+    (root / "train.csv").write_text(rows(N_TRAIN, 0))
+    (root / "eval.csv").write_text(rows(N_EVAL, 1))
+    g = torch.Generator().manual_seed(1)
+    model = build_model(arch="mlp", args={"in_features": 3, "out_features": 1, "hidden": 8})
+    save_state_dict({k: torch.randn(v.shape, generator=g) * 0.5 for k, v in model.state_dict().items()},
+                    root / "base.safetensors")
+    return root
+
+
 @pytest.fixture
 def proj(tmp_path, monkeypatch) -> Path:
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "train.csv").write_text(rows(N_TRAIN, 0))
-    (tmp_path / "eval.csv").write_text(rows(N_EVAL, 1))
-    torch.manual_seed(1)
-    save_state_dict(build_model(arch="mlp", args={"in_features": 3, "out_features": 1, "hidden": 8}).state_dict(),
-                    tmp_path / "base.safetensors")
-    return tmp_path
+    return make_project(tmp_path)
 
 
 def config(output_dir: str = "run", **train):
@@ -89,7 +95,6 @@ def test_plan_counts_steps_from_epochs_or_max_steps(proj):
     assert p.steps_per_epoch == math.ceil(N_TRAIN / 24) and p.total_steps == 5 and p.epochs == 2
 
 
-@pytest.mark.slow
 def test_the_held_out_loss_falls_on_a_learnable_task(proj):
     result = train(config(max_steps=40, lr=0.05, log_every=10, eval_every=40, scheduler="constant"))
     assert result.eval_final["loss"] < 0.5 * result.eval_base["loss"]
@@ -97,7 +102,6 @@ def test_the_held_out_loss_falls_on_a_learnable_task(proj):
     assert losses[-1] < losses[0]
 
 
-@pytest.mark.slow
 def test_grad_accumulation_trains_as_one_batch_of_the_same_examples(proj):
     """batch 16 x 1 and batch 8 x 2 (and 4 x 4) see the same 16 examples per step; the loss
     is a mean over all of them either way, so the adapters agree to float rounding."""
