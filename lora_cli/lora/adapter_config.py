@@ -17,7 +17,7 @@ from pathlib import Path
 from torch import nn
 
 from .. import __version__
-from .checks import entries, is_int, is_number, is_str_list, json_object, nul_at, show, simple
+from .checks import entries, is_int, is_number, is_str_list, nul_at, parse_json, show, simple
 from .errors import AdapterError
 from .fingerprint import base_fingerprint, recorded_fingerprint_problem
 from .inject import lora_layers, require_spec
@@ -96,9 +96,12 @@ def parse_config_json(text: str, where: str) -> dict:
         raise AdapterError(f"adapter config is more than the {MAX_CONFIG_BYTES // 2**20} MB an adapter config can be",
                            where=where, fix=DAMAGED)
     try:
-        return json_object(text, "adapter config")
+        data = parse_json(text, "adapter config")
     except ValueError as exc:
         raise AdapterError(str(exc), where=where, fix=DAMAGED) from None
+    if not isinstance(data, dict):
+        raise AdapterError(f"adapter config is a JSON {type(data).__name__}, not an object", where=where, fix=DAMAGED)
+    return data
 
 
 def _check_label_map(v):

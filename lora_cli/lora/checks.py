@@ -19,23 +19,21 @@ def show(value, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def json_object(raw: bytes | str, what: str, *, pairs_hook=None) -> dict:
-    """``raw`` (UTF-8 bytes, or text) parsed as a JSON object, or a ValueError saying in
-    words what it is instead, naming it ``what``: not UTF-8, not JSON (nested too deeply
-    counts), or JSON but not an object. Every JSON file lora-cli reads goes through here."""
+def parse_json(raw: bytes | str, what: str, *, pairs_hook=None):
+    """``raw`` (UTF-8 bytes, or text) parsed as JSON, or a ValueError saying in words why
+    it is not, naming it ``what``: not UTF-8, or not valid JSON (nested too deeply counts).
+    Every JSON file lora-cli reads goes through here; what the value must be is the
+    caller's to check."""
     try:
         text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
     except UnicodeDecodeError:
         raise ValueError(f"{what} is not UTF-8 text") from None
     try:
-        data = json.loads(text, object_pairs_hook=pairs_hook)
+        return json.loads(text, object_pairs_hook=pairs_hook)
     except RecursionError:
         raise ValueError(f"{what} is not valid JSON: nested too deeply") from None
     except ValueError as exc:    # JSONDecodeError, a duplicate key (pairs_hook), an integer of thousands of digits
         raise ValueError(f"{what} is not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{what} holds a JSON {type(data).__name__}, not an object")
-    return data
 
 
 def is_int(v) -> bool:

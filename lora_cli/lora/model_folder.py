@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .checks import json_object, show
+from .checks import parse_json, show
 from .errors import ModelError
 from .files import inside
 
@@ -64,11 +64,13 @@ def read_index(path: str | os.PathLike) -> dict:
     path = Path(path)
     fix = "the index is corrupt; save the model again with save_pretrained"
     try:
-        data = json_object(path.read_bytes(), "the file")
+        data = parse_json(path.read_bytes(), "the file")
     except OSError as exc:
         raise ModelError(f"cannot read the shard index: {exc.strerror or exc}", where=str(path), fix=fix) from None
     except ValueError as exc:
         raise ModelError(f"invalid shard index: {exc}", where=str(path), fix=fix) from None
+    if not isinstance(data, dict):
+        raise ModelError(f"invalid shard index: a JSON {type(data).__name__}, not an object", where=str(path), fix=fix)
     weight_map = data.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise ModelError(f"invalid shard index: weight_map must be a non-empty object, got {show(weight_map)}",
@@ -101,11 +103,13 @@ def read_model_config(directory: str | os.PathLike) -> dict:
         if path.stat().st_size > MAX_MODEL_CONFIG_BYTES:
             raise ModelError(f"config.json is {path.stat().st_size / 2**20:.0f} MB, more than a model config can be",
                              where=str(path), fix=fix)
-        config = json_object(path.read_bytes(), "config.json")
+        config = parse_json(path.read_bytes(), "config.json")
     except OSError as exc:
         raise ModelError(f"cannot read config.json: {exc.strerror or exc}", where=str(path)) from None
     except ValueError as exc:
         raise ModelError(str(exc), where=str(path), fix=fix) from None
+    if not isinstance(config, dict):
+        raise ModelError(f"config.json holds a JSON {type(config).__name__}, not an object", where=str(path), fix=fix)
     arch = config.get("architectures")
     if arch is not None and not (isinstance(arch, list) and all(isinstance(a, str) for a in arch)):
         raise ModelError("config.json: architectures must be a list of class names", where=str(path), fix=fix)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .checks import is_int, json_object, show
+from .checks import is_int, parse_json, show
 from .errors import ModelError
 
 DTYPE_CODES = {
@@ -85,7 +85,7 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, tuple[tuple[int, ...
     except ValueError as exc:
         raise _corrupt(path, str(exc)) from None
     try:
-        header = json_object(raw, "the header", pairs_hook=_unique_keys)
+        header = parse_json(raw, "the header", pairs_hook=_unique_keys)
     except ValueError as exc:
         raise _corrupt(path, str(exc)) from None
     tensors, metadata = _check_header(header, size - 8 - length, path)

@@ -40,7 +40,7 @@ import torch
 
 from ..errors import UserError
 from ..lora.adapter import Adapter, parse_adapter, read_adapter, write_adapter
-from ..lora.checks import json_object
+from ..lora.checks import parse_json
 from ..lora.files import put_in_place, remove, temp_path, write_atomic, write_error, write_synced
 from .rng import rng_problem
 
@@ -216,7 +216,7 @@ def read_info(ckpt: Checkpoint) -> dict:
         info = _read_unsaved(ckpt)["info"]
         return validate_info(info, _at_its_step(ckpt, info))
     try:
-        info = json_object((ckpt.path / "trainer_state.json").read_bytes(), "trainer_state.json")
+        info = parse_json((ckpt.path / "trainer_state.json").read_bytes(), "trainer_state.json")
     except OSError as exc:
         raise _unreadable(ckpt, f"trainer_state.json: {exc.strerror or exc}") from None
     except ValueError as exc:
