@@ -92,6 +92,103 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+# --- memory of processes ---------------------------------------------------------------------
+
+MEMORY_POLL_S = 0.05
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it (one scan of /proc: parent ids from ``stat``)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                stat = fh.read()
+        except OSError:                 # gone meanwhile
+            continue
+        ppid = int(stat[stat.rfind(b")") + 2:].split()[1])      # the name may hold spaces and parens
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
+def peak_rss(pid: int) -> tuple[int, int | None] | None:
+    """(VmHWM in bytes: the process's peak resident set so far, its RANK or None), or None
+    when it is gone. The kernel keeps VmHWM; reading it late loses nothing but the growth
+    after the last read."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            hwm = next((int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:")), None)
+        with open(f"/proc/{pid}/environ", "rb") as fh:
+            env = dict(v.split(b"=", 1) for v in fh.read().split(b"\0") if b"=" in v)
+    except (OSError, StopIteration, ValueError):
+        return None
+    if hwm is None:
+        return None
+    rank = env.get(b"RANK")
+    return hwm, int(rank) if rank is not None and rank.isdigit() else None
+
+
+def watch_memory(root: int, done: threading.Event, peaks: dict[int, dict]) -> None:
+    """Every MEMORY_POLL_S until ``done``: the peak RSS of ``root`` and each process below
+    it, the last reading kept per pid (VmHWM only grows)."""
+    while not done.is_set():
+        for pid in descendants(root):
+            got = peak_rss(pid)
+            if got is not None:
+                peaks[pid] = {"pid": pid, "rank": got[1], "peak_rss_bytes": got[0], "root": pid == root}
+        done.wait(MEMORY_POLL_S)
+
+
+def worker_memory(peaks: dict[int, dict], workers: int) -> tuple[list[dict], int | None]:
+    """(per worker in rank order, the launcher's peak RSS or None). One process: the
+    command's own process is the worker."""
+    if workers == 1:
+        root = [p for p in peaks.values() if p["root"]]
+        return [{"rank": 0, "peak_rss_bytes": root[0]["peak_rss_bytes"]}] if root else [], None
+    ranked = sorted((p for p in peaks.values() if p["rank"] is not None and not p["root"]), key=lambda p: p["rank"])
+    launcher = next((p["peak_rss_bytes"] for p in peaks.values() if p["root"]), None)
+    return [{"rank": p["rank"], "peak_rss_bytes": p["peak_rss_bytes"]} for p in ranked], launcher
+
+
+def params_held(model) -> int:
+    """Bytes of parameter storage this process holds for ``model`` right now: a sharded
+    (DTensor) parameter counts its local shard, a gathered one its whole storage, each
+    storage once."""
+    seen, total = set(), 0
+    for module in model.modules():
+        for p in module._parameters.values():
+            if p is None:
+                continue
+            t = p.to_local() if hasattr(p, "to_local") else p
+            storage = t.untyped_storage()
+            if storage.data_ptr() in seen or storage.nbytes() == 0:
+                continue
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total
+
+
+def track_params_held(model) -> dict:
+    """Before each leaf module's forward (FSDP has gathered its unit by then), record the
+    parameter bytes held; returns {"peak": bytes} updated as the model runs."""
+    seen = {"peak": 0}
+
+    def hook(module, args):
+        seen["peak"] = max(seen["peak"], params_held(model))
+
+    for module in model.modules():
+        if not any(True for _ in module.children()) and module._parameters:
+            module.register_forward_pre_hook(hook)
+    return seen
+
+
 # --- part 1: gradient bytes per step (worker side) -------------------------------------------
 
 VARIANTS = ("adapter", "full", "adapter-fsdp")
@@ -170,6 +267,7 @@ def comm_worker(spec: dict) -> None:
             engine.register_comm_hook(counter, count)
             restore = None
         optimizer = torch.optim.SGD([p for p in engine.parameters() if p.requires_grad], lr=1e-3)
+        in_forward = track_params_held(dist.inner(engine))
         gen = torch.Generator().manual_seed(1000 + world.rank)   # each rank its own batch
         steps = []
         engine.train()
@@ -187,6 +285,9 @@ def comm_worker(spec: dict) -> None:
         if restore:
             restore()
         out["variants"][variant] = {
+            "param_bytes_held": params_held(dist.inner(engine)),             # between steps
+            "param_bytes_held_in_forward": in_forward["peak"],               # the most while a layer runs
+            "param_bytes_whole": dist.weight_bytes(model),
             "trainable_params": sum(p.numel() for p in trainable),
             "total_params": sum(p.numel() for p in model.parameters()),
             "trainable_tensors": len(trainable),
@@ -247,6 +348,9 @@ def run_comm(name: str, overrides: list[str], args) -> dict:
             "measured_min": min(measured), "measured_max": max(measured),
             "buckets_per_step": [len(s["buckets"]) for s in v["steps"]],
             "ops_bytes_per_step": ops,
+            "param_bytes_whole": v["param_bytes_whole"],
+            "param_bytes_held_per_rank": [r["param_bytes_held"] for r in per_rank],
+            "param_bytes_held_in_forward_per_rank": [r["param_bytes_held_in_forward"] for r in per_rank],
             "same_every_step_and_rank": len(set(measured)) == 1,
             "matches_analytic": set(measured) == {v["analytic_bytes"]} == {v["analytic_own_sum_bytes"]},
         }
@@ -307,6 +411,9 @@ def run_cli(kind: str, args, out_dir: Path) -> dict:
                                 start_new_session=True)
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
+        peaks: dict[int, dict] = {}
+        memory = threading.Thread(target=watch_memory, args=(proc.pid, done, peaks), daemon=True)
+        memory.start()
         try:
             proc.wait(TIMEOUT_S)
         except subprocess.TimeoutExpired:
@@ -314,6 +421,7 @@ def run_cli(kind: str, args, out_dir: Path) -> dict:
         wall = time.perf_counter() - t0
         done.set()
         watcher.join()
+        memory.join()
         log.seek(0)
         output = log.read().decode(errors="replace")
     for r in rows:
@@ -321,6 +429,7 @@ def run_cli(kind: str, args, out_dir: Path) -> dict:
     run = {"kind": kind, "workers": workers, "batch_per_worker": batch, "global_batch": batch * workers,
            "command": cmd, "rc": proc.returncode, "wall_s": wall, "loadavg_1min": [load_before, os.getloadavg()[0]],
            "rows": rows}
+    run["worker_memory"], run["launcher_peak_rss_bytes"] = worker_memory(peaks, workers)
     train_rows = [r for r in rows if "loss" in r]
     if proc.returncode != 0 or len(train_rows) <= args.skip_windows:
         run["error"] = output[-3000:]
@@ -389,6 +498,8 @@ def summarize_throughput(runs: dict[str, list[dict]], threads: dict[str, int]) -
         out[kind]["exit_s"] = spread(r["exit_s"] for r in ok)
         out[kind]["wall_s"] = spread(r["wall_s"] for r in ok)
         out[kind]["final_loss"] = ok[0]["final_loss"]
+        ranks = [[w["peak_rss_bytes"] for w in r["worker_memory"]] for r in ok if r.get("worker_memory")]
+        out[kind]["peak_rss_bytes_per_worker"] = [spread(col) for col in zip(*ranks)] if ranks else None
         out[kind]["workers"], out[kind]["global_batch"] = ok[0]["workers"], ok[0]["global_batch"]
         out[kind]["threads"] = threads[kind]
     single = out.get("single")
@@ -413,13 +524,14 @@ def _mb(b: float) -> str:
 
 def comm_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     headers = ["model", "variant", "trainable params", "measured bytes/step/worker", "analytic (trainable bytes)",
-               "buckets/step", "vs LoRA ddp (measured)", "vs LoRA ddp (analytic)"]
+               "buckets/step", "vs LoRA ddp (measured)", "vs LoRA ddp (analytic)",
+               "params held/worker (in forward)"]
     names = {"adapter": "LoRA, ddp", "full": "full fine-tuning, ddp", "adapter-fsdp": "LoRA, fsdp"}
     short = {"all_gather_single": "all-gather", "reduce_scatter_single": "reduce-scatter", "all_reduce": "all-reduce"}
     out = []
     for r in rows:
         if "error" in r:
-            out.append([r["name"], "FAILED", "-", "-", "-", "-", "-", "-"])
+            out.append([r["name"], "FAILED", "-", "-", "-", "-", "-", "-", "-"])
             continue
         for variant in VARIANTS:
             v = r["variants"][variant]
@@ -434,20 +546,35 @@ def comm_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
                         f"{v['analytic_bytes']:,}",
                         "/".join(map(str, v["buckets_per_step"])) if variant != "adapter-fsdp" else "-", ratio,
                         f"{r['full_over_adapter_analytic']:.1f}x" if variant == "full" else
-                        ("1" if variant == "adapter" else "-")])
+                        ("1" if variant == "adapter" else "-"), held_cell(v)])
     return headers, out
+
+
+def held_cell(v: dict) -> str:
+    """Parameter bytes held by the busiest worker, between steps and (in parentheses) at
+    most while a layer runs, as a share of the whole model's."""
+    if "param_bytes_held_per_rank" not in v:
+        return "-"
+    held, peak, whole = max(v["param_bytes_held_per_rank"]), max(v["param_bytes_held_in_forward_per_rank"]), \
+        v["param_bytes_whole"]
+    return f"{_mb(held)} = {held / whole:.2f} of {_mb(whole)} ({_mb(peak)} = {peak / whole:.2f})"
+
+
+def rss_cell(s: dict) -> str:
+    per = s.get("peak_rss_bytes_per_worker")
+    return " / ".join(f"{w['median'] / 2**20:.0f}" for w in per) + " MiB" if per else "-"
 
 
 def throughput_table(summary: dict) -> tuple[list[str], list[list[str]]]:
     headers = ["run", "workers x batch x threads", "tokens/s (min-max)", "examples/s", "step s", "vs single (paired min-max)",
-               "CLI tokens/s (padded)", "startup s", "final loss"]
+               "CLI tokens/s (padded)", "startup s", "final loss", "peak RSS per worker"]
     out = []
     for kind in KINDS:
         if kind not in summary:
             continue
         s = summary[kind]
         if not s:
-            out.append([NAMES[kind], "-", "FAILED", "-", "-", "-", "-", "-", "-"])
+            out.append([NAMES[kind], "-", "FAILED", "-", "-", "-", "-", "-", "-", "-"])
             continue
         t = s["tokens_per_s"]
         vs = "1" if kind == "single" else (f"{s['over_single']:.2f}" if kind == "single-1t" else
@@ -458,7 +585,7 @@ def throughput_table(summary: dict) -> tuple[list[str], list[list[str]]]:
         out.append([NAMES[kind], f"{s['workers']} x {batch} x {threads}", f"{t['median']:,.0f} ({t['min']:,.0f}-{t['max']:,.0f})",
                     f"{s['examples_per_s']['median']:.1f}", f"{s['step_s']['median']:.4f}", vs,
                     f"{s['cli_tokens_per_s']['median']:,.0f}", f"{s['startup_s']['median']:.1f}",
-                    f"{s['final_loss']:.6f}"])
+                    f"{s['final_loss']:.6f}", rss_cell(s)])
     return headers, out
 
 

@@ -246,3 +246,60 @@ def fault_env(point: str) -> dict:
 def _token_cache(tmp_path_factory, monkeypatch):
     """Each test its own tokenized-data cache (lora_cli/data/token_cache.py), never ~/.cache."""
     monkeypatch.setenv("LORA_CLI_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
+def reachable_tensors(root: object) -> list[tuple[str, torch.Tensor]]:
+    """Every tensor an object keeps alive through Python references: its attributes,
+    containers, hook functions (closures, bound methods) and the modules, optimizers or
+    FSDP states they lead to, walked to the end, each object once. A DTensor counts as
+    the local tensor it holds. Returns (how it was reached, tensor) pairs."""
+    import types
+
+    found: list[tuple[str, torch.Tensor]] = []
+    seen: set[int] = set()
+    stack: list[tuple[str, object]] = [("", root)]
+    while stack:
+        path, obj = stack.pop()
+        if id(obj) in seen or obj is None or isinstance(obj, (str, bytes, int, float, bool, type, types.ModuleType)):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            local = getattr(obj, "_local_tensor", None)        # a DTensor's own shard
+            found.append((path, local if isinstance(local, torch.Tensor) else obj))
+            continue
+        if isinstance(obj, dict):
+            stack += [(f"{path}[{k!r}]", v) for k, v in obj.items()]
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            stack += [(f"{path}[{i}]", v) for i, v in enumerate(obj)]
+        elif isinstance(obj, types.MethodType):
+            stack += [(f"{path}.__self__", obj.__self__), (f"{path}.__func__", obj.__func__)]
+        elif isinstance(obj, types.FunctionType):
+            stack += [(f"{path}.__defaults__", obj.__defaults__), (f"{path}.__kwdefaults__", obj.__kwdefaults__)]
+            stack += [(f"{path}<closure {i}>", c.cell_contents) for i, c in enumerate(obj.__closure__ or ())
+                      if _has(c)]
+        else:
+            import functools
+            if isinstance(obj, functools.partial):
+                stack += [(f"{path}.func", obj.func), (f"{path}.args", obj.args), (f"{path}.kw", obj.keywords)]
+            if hasattr(obj, "__dict__"):
+                stack += [(f"{path}.{k}", v) for k, v in vars(obj).items()]
+            for slot in getattr(type(obj), "__slots__", ()):
+                if isinstance(slot, str) and hasattr(obj, slot):
+                    stack.append((f"{path}.{slot}", getattr(obj, slot)))
+    return found
+
+
+def _has(cell) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:          # an empty cell
+        return False
+    return True
+
+
+def storage_bytes(t: torch.Tensor) -> int:
+    """Bytes of the memory a tensor keeps alive (its whole storage, not only its view)."""
+    try:
+        return t.untyped_storage().nbytes()
+    except (RuntimeError, NotImplementedError):
+        return 0

@@ -11,14 +11,13 @@ its own).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 
 from torch import nn
 
 from .. import __version__
-from .checks import entries, is_int, is_number, is_str_list, nul_at, show, simple
+from .checks import entries, is_int, is_number, is_str_list, nul_at, parse_json, show, simple
 from .errors import AdapterError
 from .fingerprint import base_fingerprint, recorded_fingerprint_problem
 from .inject import lora_layers, require_spec
@@ -106,11 +105,9 @@ def parse_config_json(text: str, where: str) -> dict:
         raise AdapterError(f"adapter config is more than the {MAX_CONFIG_BYTES // 2**20} MB an adapter config can be",
                            where=where, fix=DAMAGED)
     try:
-        data = json.loads(text)
-    except RecursionError:
-        raise AdapterError("adapter config is not valid JSON: nested too deeply", where=where, fix=DAMAGED) from None
-    except ValueError as exc:    # JSONDecodeError, or an integer of thousands of digits
-        raise AdapterError(f"adapter config is not valid JSON: {exc}", where=where, fix=DAMAGED) from None
+        data = parse_json(text, "adapter config")
+    except ValueError as exc:
+        raise AdapterError(str(exc), where=where, fix=DAMAGED) from None
     if not isinstance(data, dict):
         raise AdapterError(f"adapter config is a JSON {type(data).__name__}, not an object", where=where, fix=DAMAGED)
     return data

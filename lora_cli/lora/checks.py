@@ -4,6 +4,7 @@ report every problem of a file at once."""
 
 from __future__ import annotations
 
+import json
 import math
 
 _F32_MAX = float(3.4028234663852886e38)
@@ -16,6 +17,23 @@ def show(value, limit: int = 60) -> str:
     except ValueError:            # an int too long to print
         text = "a huge integer"
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def parse_json(raw: bytes | str, what: str, *, pairs_hook=None):
+    """``raw`` (UTF-8 bytes, or text) parsed as JSON, or a ValueError saying in words why
+    it is not, naming it ``what``: not UTF-8, or not valid JSON (nested too deeply counts).
+    Every JSON file lora-cli reads goes through here; what the value must be is the
+    caller's to check."""
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+    except UnicodeDecodeError:
+        raise ValueError(f"{what} is not UTF-8 text") from None
+    try:
+        return json.loads(text, object_pairs_hook=pairs_hook)
+    except RecursionError:
+        raise ValueError(f"{what} is not valid JSON: nested too deeply") from None
+    except ValueError as exc:    # JSONDecodeError, a duplicate key (pairs_hook), an integer of thousands of digits
+        raise ValueError(f"{what} is not valid JSON ({exc})") from None
 
 
 def is_int(v) -> bool:

@@ -89,6 +89,7 @@ class LoraLayer(nn.Module):
         self._base_params = list(base._parameters)   # ["weight", "bias"], bias None when it has none
         self._base_attrs = {k: v for k, v in vars(base).items()
                             if k not in _MODULE_STATE and not isinstance(v, (torch.Tensor, nn.Module))}
+        self.train(base.training)   # in the mode of the module it replaces: no dropout in an eval-mode model
 
     layout: str        # "linear", "conv1d" or "embedding" (see lora_cli.lora.names.LAYOUTS)
 

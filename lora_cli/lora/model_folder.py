@@ -7,11 +7,10 @@ config.json must be a UTF-8 JSON object (its model is transformers' to check).
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
-from .checks import show
+from .checks import parse_json, show
 from .errors import ModelError
 from .files import inside
 
@@ -65,15 +64,11 @@ def read_index(path: str | os.PathLike) -> dict:
     path = Path(path)
     fix = "the index is corrupt; save the model again with save_pretrained"
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
+        data = parse_json(path.read_bytes(), "the file")
     except OSError as exc:
         raise ModelError(f"cannot read the shard index: {exc.strerror or exc}", where=str(path), fix=fix) from None
-    except UnicodeDecodeError:
-        raise ModelError("invalid shard index: not UTF-8 text", where=str(path), fix=fix) from None
-    except RecursionError:
-        raise ModelError("invalid shard index: nested too deeply", where=str(path), fix=fix) from None
     except ValueError as exc:
-        raise ModelError(f"invalid shard index: not valid JSON ({exc})", where=str(path), fix=fix) from None
+        raise ModelError(f"invalid shard index: {exc}", where=str(path), fix=fix) from None
     if not isinstance(data, dict):
         raise ModelError(f"invalid shard index: a JSON {type(data).__name__}, not an object", where=str(path), fix=fix)
     weight_map = data.get("weight_map")
@@ -108,13 +103,11 @@ def read_model_config(directory: str | os.PathLike) -> dict:
         if path.stat().st_size > MAX_MODEL_CONFIG_BYTES:
             raise ModelError(f"config.json is {path.stat().st_size / 2**20:.0f} MB, more than a model config can be",
                              where=str(path), fix=fix)
-        config = json.loads(path.read_bytes().decode("utf-8"))
+        config = parse_json(path.read_bytes(), "config.json")
     except OSError as exc:
         raise ModelError(f"cannot read config.json: {exc.strerror or exc}", where=str(path)) from None
-    except RecursionError:
-        raise ModelError("config.json is not valid JSON: nested too deeply", where=str(path), fix=fix) from None
-    except ValueError as exc:    # JSONDecodeError, UnicodeDecodeError, an integer of thousands of digits
-        raise ModelError(f"config.json is not valid JSON ({exc})", where=str(path), fix=fix) from None
+    except ValueError as exc:
+        raise ModelError(str(exc), where=str(path), fix=fix) from None
     if not isinstance(config, dict):
         raise ModelError(f"config.json holds a JSON {type(config).__name__}, not an object", where=str(path), fix=fix)
     arch = config.get("architectures")

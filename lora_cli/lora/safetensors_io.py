@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .checks import is_int, show
+from .checks import is_int, parse_json, show
 from .errors import ModelError
 
 DTYPE_CODES = {
@@ -85,13 +85,9 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, tuple[tuple[int, ...
     except ValueError as exc:
         raise _corrupt(path, str(exc)) from None
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
-    except UnicodeDecodeError:
-        raise _corrupt(path, "the header is not UTF-8 text") from None
-    except RecursionError:
-        raise _corrupt(path, "the header is nested too deeply") from None
-    except ValueError as exc:    # JSONDecodeError, a duplicate key, an integer of thousands of digits
-        raise _corrupt(path, f"the header is not valid JSON ({exc})") from None
+        header = parse_json(raw, "the header", pairs_hook=_unique_keys)
+    except ValueError as exc:
+        raise _corrupt(path, str(exc)) from None
     tensors, metadata = _check_header(header, size - 8 - length, path)
     return tensors, metadata, 8 + length
 

@@ -40,6 +40,7 @@ import torch
 
 from ..errors import UserError
 from ..lora.adapter import Adapter, parse_adapter, read_adapter, write_adapter
+from ..lora.checks import parse_json
 from ..lora.files import put_in_place, remove, temp_path, write_atomic, write_error, write_synced
 from .rng import rng_problem
 
@@ -215,13 +216,11 @@ def read_info(ckpt: Checkpoint) -> dict:
         info = _read_unsaved(ckpt)["info"]
         return validate_info(info, _at_its_step(ckpt, info))
     try:
-        info = json.loads((ckpt.path / "trainer_state.json").read_bytes().decode("utf-8"))
+        info = parse_json((ckpt.path / "trainer_state.json").read_bytes(), "trainer_state.json")
     except OSError as exc:
         raise _unreadable(ckpt, f"trainer_state.json: {exc.strerror or exc}") from None
-    except RecursionError:
-        raise _unreadable(ckpt, "trainer_state.json is nested too deeply") from None
-    except ValueError as exc:       # JSONDecodeError, UnicodeDecodeError, an integer of 5000 digits
-        raise _unreadable(ckpt, f"trainer_state.json is not valid JSON ({exc})") from None
+    except ValueError as exc:
+        raise _unreadable(ckpt, str(exc)) from None
     return validate_info(info, ckpt)
 
 

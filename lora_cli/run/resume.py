@@ -31,8 +31,9 @@ from .config import Config, config_from_dict, diff_fields
 from .distributed import global_batch
 
 # Config fields a resumed run may change; any other change is refused. grad_accum changes
-# with the number of workers, so that the global batch stays the checkpoint's.
-RESUMABLE_CHANGES = ("device", "train.epochs", "train.max_steps", "train.log_every", "train.eval_every",
+# with the number of workers, so that the global batch stays the checkpoint's; output_dir
+# when the run's folder was moved or copied (the checkpoint is read from the new one).
+RESUMABLE_CHANGES = ("output_dir", "device", "train.epochs", "train.max_steps", "train.log_every", "train.eval_every",
                      "train.save_every", "train.keep_last", "train.resume", "train.on_nan", "train.strategy",
                      "train.num_threads")
 
