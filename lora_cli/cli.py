@@ -442,6 +442,12 @@ app.command("train", epilog=TRAIN_EXAMPLES)(train_command)
 app.command("merge", epilog=MERGE_EXAMPLES)(merge_command)
 app.command("eval", epilog=EVAL_EXAMPLES)(eval_command)
 
+from .cli_generate import GENERATE_EXAMPLES, generate_command  # noqa: E402 (it uses the helpers above)
+
+generate_app = _app("Complete prompts with a trained adapter.")
+generate_app.command(epilog=GENERATE_EXAMPLES)(generate_command)
+app.command("generate", epilog=GENERATE_EXAMPLES)(generate_command)
+
 
 def main() -> None:
     app()

@@ -333,3 +333,45 @@ def show_init(result) -> None:
         out.print(f"before training, edit {result.config} to name your own files: {keys}",
                   markup=False, soft_wrap=True)
     out.print(f"train it with: lora-train {shlex.quote(str(result.config))}", markup=False, soft_wrap=True)
+
+
+class StreamPrinter:
+    """lora-generate's output as it is made: each prompt dimmed, its completion after it."""
+
+    def __init__(self, prompts: list[str]):
+        self.prompts, self.current = prompts, -1
+
+    def _start(self, i: int) -> None:
+        if self.current >= 0:
+            out.file.write("\n")
+        self.current = i
+        out.print(_literal(self.prompts[i]), style="dim", end="", soft_wrap=True)
+
+    def piece(self, i: int, text: str) -> None:
+        while self.current < i:
+            self._start(self.current + 1)
+        out.file.write(text.translate(_CONTROL))
+        out.file.flush()
+
+    def finish(self) -> None:
+        while self.current < len(self.prompts) - 1:
+            self._start(self.current + 1)
+        out.file.write("\n")
+        out.file.flush()
+
+
+def show_completions(completions, label: str = "adapted") -> None:
+    """lora-generate --compare: the base's and the adapted model's completions side by side."""
+    table = Table(show_lines=True)
+    for name in ("prompt", "base", label) + (("expected",) if any(c.answer is not None for c in completions) else ()):
+        table.add_column(name, overflow="fold")
+    for c in completions:
+        row = [c.prompt.rstrip("\n"), c.base or "", c.completion]
+        table.add_row(*(_literal(t) for t in row + ([c.answer or ""] if len(table.columns) == 4 else [])))
+    out.print(table)
+
+
+def show_json_lines(rows) -> None:
+    """One JSON object per line on stdout."""
+    for row in rows:
+        sys.stdout.write(json.dumps(row) + "\n")

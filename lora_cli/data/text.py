@@ -131,6 +131,16 @@ def _render_messages(messages, tokenizer, where: str) -> tuple[str, str]:
     return history + "assistant: ", messages[-1]["content"]
 
 
+def render_history(history: list[dict], tokenizer) -> str:
+    """The conversation ``history`` as the prompt of the assistant's next turn: the
+    tokenizer's chat template where it has one, else the plain ``role: text`` layout
+    training uses."""
+    render = getattr(tokenizer, "render_chat", None)
+    if render is not None:
+        return render([*history, {"role": "assistant", "content": ""}])[0]
+    return "".join(f"{m['role']}: {m['content']}\n" for m in history) + "assistant: "
+
+
 def with_bos(tokenizer, ids: list[int]) -> list[int]:
     """``ids`` led by the tokenizer's beginning-of-sequence tokens (``bos_ids``, often
     none), unless the text already began with them (a chat template that writes BOS)."""
