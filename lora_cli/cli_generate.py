@@ -81,3 +81,24 @@ def generate_command(
         show_completions(results, "merged" if merged else "adapted")
     else:
         printer[0].finish()
+
+
+def eval_generation(result, source, as_json: bool, **options) -> None:
+    """lora-eval --generate: the comparison, then the generation scores (JSON: one object)."""
+    from .console import show_comparison, show_generation_scores, show_json
+    from .run.answers import score_generation
+
+    scores = score_generation(source, **options)
+    if as_json:
+        show_json({**result.as_dict(), "generation": scores.as_dict()})
+    else:
+        show_comparison(result)
+        show_generation_scores(scores, result.adapted_label)
+
+
+def plot_runs(output: Path, runs: List[Path]) -> None:
+    """lora-eval --plot RUN_DIR ... OUTPUT.png: the runs' curves overlaid."""
+    from .console import show_note
+    from .run.curves import plot_runs as draw
+
+    show_note(f"wrote {draw(runs, output)}")

@@ -51,6 +51,7 @@ class Generator:
     data_format: str | None         # of the training data: instruction, messages, prompt, text
     label: str                      # "adapted" or "merged"
     load: Callable[[], None] = field(default=lambda: None, repr=False)   # adds the adapter (if not yet)
+    cfg: object = field(default=None, repr=False)                       # the run's config
 
     def encode(self, prompt: str) -> list[int]:
         return with_bos(self.tokenizer, list(self.tokenizer.encode(prompt)))
@@ -95,9 +96,9 @@ def open_generator(source: str | os.PathLike, *, merged: str | None = None, base
     fmt = data_format(cfg.data.train) if cfg.data.train and str(cfg.data.train).endswith(".jsonl") else None
     if merged:
         model, _, _ = build_base(cfg, data, search_path=search, weights=merged)
-        return Generator(model.to(device), tokenizer, device, fmt, "merged")
+        return Generator(model.to(device), tokenizer, device, fmt, "merged", cfg=cfg)
     model, _, _ = build_base(cfg, data, search_path=search, expect=fingerprint_shapes(adapter), exact=check_base)
-    gen = Generator(model.to(device), tokenizer, device, fmt, "adapted")
+    gen = Generator(model.to(device), tokenizer, device, fmt, "adapted", cfg=cfg)
 
     def load() -> None:
         gen.model.to("cpu")
