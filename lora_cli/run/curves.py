@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from ..errors import UserError
+from ..lora.files import write_atomic
 
 SPARKS = "▁▂▃▄▅▆▇█"
 
@@ -82,13 +83,10 @@ def draw(runs: dict[str, list[dict]], path: str | os.PathLike) -> Path | None:
         axes[0].legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
+        write_atomic(path, lambda f: fig.savefig(f, format="png"))
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return path
 
 
