@@ -101,3 +101,31 @@ def test_chat_uses_the_training_data_prompt_format(tmp_path: Path):
     assert chat_prompt("add 1 2", tok, data_format(tmp_path / "inst.jsonl")) == \
         "### Instruction:\nadd 1 2\n\n### Response:\n"
     assert chat_prompt("hi", tok, data_format(tmp_path / "chat.jsonl")) == "user: hi\nassistant: "
+
+
+@pytest.mark.slow
+def test_eval_generate_scores_base_and_adapted_and_json_has_them(gpt_run: Path):
+    result = invoke("eval", gpt_run / "run" / "adapter", "--generate", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    gen = report["generation"]
+    assert gen["base"]["n"] == gen["adapted"]["n"] == len(PAIRS[::9])
+    assert 0 <= gen["adapted"]["exact_match"] <= gen["adapted"]["normalized_match"] <= 1
+    misses = gen["adapted"]["n"] - gen["adapted"]["normalized"]
+    assert len(gen["worst"]) == min(3, misses)
+    # the completions scored are the ones lora-generate writes
+    made = json_lines(invoke("generate", gpt_run / "run" / "adapter", "--prompts", gpt_run / "eval.jsonl",
+                             "--json", "--max-new-tokens", str(gen["max_new_tokens"])).stdout)
+    assert sum(r["completion"] == r["answer"] for r in made) == gen["adapted"]["exact"]
+    table = invoke("eval", gpt_run / "run" / "adapter", "--generate")
+    assert table.exit_code == 0 and "exact_match" in table.output
+
+
+@pytest.mark.slow
+def test_eval_plot_draws_overlaid_runs(gpt_run: Path, tmp_path: Path):
+    pytest.importorskip("matplotlib")
+    result = invoke("eval", tmp_path / "both.png", "--plot", gpt_run / "run", "--plot", gpt_run / "run")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "both.png").read_bytes()[:4] == b"\x89PNG"
+    bad = invoke("eval", tmp_path / "x.png", "--plot", tmp_path)
+    assert bad.exit_code == 2 and "no metrics.jsonl" in bad.output
