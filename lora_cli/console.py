@@ -252,6 +252,10 @@ def show_train_result(result) -> None:
     if len(result.losses) > 1:
         from .run.curves import sparkline
         table.add_row("loss curve", f"{sparkline(result.losses)} {_num(result.losses[0])} -> {_num(result.losses[-1])}")
+    if result.exact_final is not None:
+        e, b = result.exact_final, result.exact_base
+        table.add_row("exact match", f"{100 * e['exact_match']:.1f} % of {e['n']:,} held-out answers"
+                      + (f" (base {100 * b['exact_match']:.1f} %)" if b else ""))
     if result.curves is not None:
         table.add_row("curves", _literal(str(result.curves)))
     out.print(table)

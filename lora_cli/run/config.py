@@ -141,6 +141,8 @@ class EvalSection:
     samples: int = _field(0, "causal_lm: greedily complete this many fixed held-out prompts at each evaluation, "
                           "shown under its line and appended to output_dir/samples.jsonl (>= 0).")
     max_new_tokens: int = _field(64, "Tokens each sample may generate at most (>= 1).")
+    exact_match: bool = _field(False, "causal_lm: greedily complete every held-out prompt before training and "
+                               "after it, and report how many answers come out exactly (base vs adapted).")
 
 
 @dataclass(kw_only=True)

@@ -186,6 +186,8 @@ class Run:
                 self.after_step(epoch_done, received)
         if data.eval is not None and loop.last_eval_step != loop.step:
             loop.eval_final = self.evaluate()
+        if self.sampler is not None:
+            self.sampler.finish(dist.inner(self.engine), self.autocast)
         self.reporter.finish()
         return time.perf_counter() - started
 

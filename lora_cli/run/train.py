@@ -103,6 +103,8 @@ class TrainResult:
     curves: Path | None = None        # output_dir/curves.png (None: matplotlib is not installed)
     samples_first: list[dict] = field(default_factory=list)  # eval.samples at the first evaluation (the base's)
     samples_last: list[dict] = field(default_factory=list)   # and at the last
+    exact_base: dict | None = None    # eval.exact_match: match rates before training (the base's)
+    exact_final: dict | None = None   # and after it
 
     @property
     def train_seconds(self) -> float:
@@ -235,7 +237,9 @@ def train(cfg: Config, *, reporter: Reporter | None = None, overwrite: bool = Fa
                        gradient_bytes=run.gradient_bytes, weight_bytes=run.weight_bytes,
                        eval_seconds=run.eval_seconds, checkpoint_seconds=run.checkpoint_seconds,
                        losses=losses, curves=curves, samples_first=sampler.first if sampler else [],
-                       samples_last=sampler.last if sampler else [])
+                       samples_last=sampler.last if sampler else [],
+                       exact_base=sampler.first_scores if sampler else None,
+                       exact_final=sampler.last_scores if sampler else None)
 
 
 def _curves(out: Path, notes: list[str]) -> tuple[list[float], Path | None]:

@@ -249,11 +249,13 @@ def check_together(values: dict, problems: list[str], check_files: bool) -> None
         if file and allowed and suffix not in allowed:
             problems.append(f"{path}: unsupported file type {suffix or '(none)'!r} for task {task!r}, "
                             f"expected {' or '.join(allowed)}")
-    samples, log = values.get("eval", {}).get("samples"), values.get("log", {})
+    samples, log = values.get("eval", {}).get("samples") or values.get("eval", {}).get("exact_match"), \
+        values.get("log", {})
     if samples and task in choices.TASKS and task != "causal_lm":
-        problems.append(f"eval.samples: only a causal_lm model generates samples, the task is {task!r}; set it to 0")
+        problems.append(f"eval.samples, eval.exact_match: only a causal_lm model generates text, the task is "
+                        f"{task!r}; leave them out")
     elif samples and data.get("eval") is None and data.get("val_split") is None and "train" in data:
-        problems.append("eval.samples: needs held-out prompts; set data.eval or data.val_split")
+        problems.append("eval.samples, eval.exact_match: need held-out prompts; set data.eval or data.val_split")
     if log.get("tensorboard") and importlib.util.find_spec("tensorboard") is None:
         problems.append("log.tensorboard: needs the tensorboard package (pip install tensorboard); or set it "
                         "to false")

@@ -74,7 +74,7 @@ def test_a_run_writes_samples_curves_and_tensorboard(tmp_path: Path, monkeypatch
                         seq=24, dropout=0.0, train={"max_steps": 6, "batch_size": 8, "lr": 0.01, "log_every": 2,
                                                     "eval_every": 3})
     cfg = yaml.safe_load((root / "config.yaml").read_text())
-    cfg.update({"eval": {"samples": 2, "max_new_tokens": 5}, "log": {"tensorboard": True}})
+    cfg.update({"eval": {"samples": 2, "max_new_tokens": 5, "exact_match": True}, "log": {"tensorboard": True}})
     (root / "config.yaml").write_text(yaml.safe_dump(cfg))
     monkeypatch.chdir(root)
     result = CliRunner().invoke(app, ["train", "config.yaml"])
@@ -84,6 +84,7 @@ def test_a_run_writes_samples_curves_and_tensorboard(tmp_path: Path, monkeypatch
     assert [r["prompt"] for r in rows[:2]] == ["n=0\n", "n=6\n"] and rows[0]["answer"] == "0"
     assert all(len(r["completion"]) <= 5 for r in rows)   # 5 bytes, each one character at most
     assert "step 0" in result.output and "step 6" in result.output and "loss curve" in result.output
+    assert "exact match" in result.output and "of 4 held-out answers (base" in " ".join(result.output.split())
     assert list((root / "run" / "tensorboard").glob("events.out.tfevents.*"))
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(str(root / "run" / "tensorboard"))
@@ -95,9 +96,9 @@ def test_a_run_writes_samples_curves_and_tensorboard(tmp_path: Path, monkeypatch
 def test_samples_need_a_causal_lm_and_held_out_prompts():
     from lora_cli.errors import ConfigError
     from lora_cli.run.config import config_from_dict
-    with pytest.raises(ConfigError, match="eval.samples: only a causal_lm"):
+    with pytest.raises(ConfigError, match="only a causal_lm model generates text"):
         config_from_dict({"task": "regression", "model": {"arch": "linear", "base": None}, "data": {"train": "t.csv"},
                           "eval": {"samples": 2}}, check_files=False)
-    with pytest.raises(ConfigError, match="eval.samples: needs held-out prompts"):
+    with pytest.raises(ConfigError, match="need held-out prompts"):
         config_from_dict({"task": "causal_lm", "model": {"arch": "gpt", "base": None}, "data": {"train": "t.jsonl"},
                           "eval": {"samples": 2}}, check_files=False)
