@@ -132,6 +132,9 @@ class Run:
         self.window: list[Step] = []                        # the steps since the last log row, not yet read
         # eval.samples (one process: generation needs the whole model) and log.tensorboard, on rank 0
         self.sampler = None if world.distributed else Sampler.of(cfg, self.data.tokenizer, out)
+        if world.distributed and world.is_main and (cfg.eval.samples or cfg.eval.exact_match):
+            p.built.notes.append("eval.samples and eval.exact_match are skipped with several workers: run "
+                                 "lora-generate or lora-eval --generate on the adapter")
         self.board = Board(out / "tensorboard") if cfg.log.tensorboard and world.is_main else None
         torch.manual_seed(cfg.seed + world.rank)            # dropout masks differ between workers
 
