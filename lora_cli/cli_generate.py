@@ -10,9 +10,9 @@ import typer
 from .cli import _CODE, _CODE_PATH, _TRUST, _examples, _user_errors, _version_option
 
 GENERATE_COMMANDS = (
-    "lora-generate runs/quickstart/adapter --prompt 'name=alice age=31 city=paris\\n'",
+    "lora-generate runs/quickstart/adapter --prompt 'name=alice age=31\\n'",
     "lora-generate runs/quickstart/adapter --prompts data/quickstart/eval.jsonl --compare",
-    "lora-generate runs/quickstart/adapter --merged merged.safetensors --prompt 'name=bob age=40\\n'",
+    "lora-generate runs/quickstart/adapter --merged merged.safetensors --prompt 'name=bob\\n'",
     "lora-generate runs/chat/adapter --chat --prompt 'Hello!' --temperature 0.7 --top-p 0.9 --seed 1",
     "lora-generate runs/quickstart/adapter --prompts prompts.jsonl --json > out.jsonl",
 )

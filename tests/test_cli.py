@@ -269,14 +269,16 @@ def test_threads_follow_the_config_then_omp_then_the_cores_this_process_may_use(
 
 HELP_CASES = [("lora-train", [], "TRAIN_COMMANDS"), ("lora-merge", [], "MERGE_COMMANDS"),
               ("lora-eval", [], "EVAL_COMMANDS"), ("python -m lora_cli", ["train"], "TRAIN_COMMANDS"),
-              ("python -m lora_cli", ["merge"], "MERGE_COMMANDS"), ("python -m lora_cli", ["eval"], "EVAL_COMMANDS")]
+              ("python -m lora_cli", ["merge"], "MERGE_COMMANDS"), ("python -m lora_cli", ["eval"], "EVAL_COMMANDS"),
+              ("lora-generate", [], "GENERATE_COMMANDS"), ("python -m lora_cli", ["generate"], "GENERATE_COMMANDS")]
 
 
 @pytest.mark.parametrize("columns", [80, 120])
 @pytest.mark.parametrize("prog, args, commands", HELP_CASES)
 def test_help_examples_copy_paste_whole_at_80_and_120_columns(prog, args, commands, columns):
     from lora_cli import cli
-    entry = {"lora-train": cli.train_app, "lora-merge": cli.merge_app, "lora-eval": cli.eval_app}.get(prog, cli.app)
+    entry = {"lora-train": cli.train_app, "lora-merge": cli.merge_app, "lora-eval": cli.eval_app,
+             "lora-generate": cli.generate_app}.get(prog, cli.app)
     result = runner.invoke(entry, [*args, "--help"], env={"COLUMNS": str(columns)}, prog_name=prog)
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
@@ -290,7 +292,8 @@ def test_help_examples_copy_paste_whole_at_80_and_120_columns(prog, args, comman
             else:
                 shown.append(pending)
                 pending = ""
-    assert shown == list(getattr(cli, commands))        # each example whole: no word or path broken
+    from lora_cli import cli_generate
+    assert shown == list(getattr(cli, commands, None) or getattr(cli_generate, commands))   # each example whole
     for command in shown:
         for word in command.split():
             if word.startswith(("configs/", "data/")) and "-merged" not in word:   # (merge writes those)
