@@ -19,6 +19,11 @@ def test_a_tiny_llama_adapter_generates_what_peft_generate_does(hub: Path):
     config = write_config(hub, "gen-llama", train={"max_steps": 8, "lr": 0.05})
     assert invoke("train", config, "--overwrite").exit_code == 0
     adapter = hub / "runs" / "gen-llama" / "adapter"
+    from safetensors.torch import load_file, save_file      # B made large: completions far from the base's
+    weights = adapter / "adapter_model.safetensors"
+    g = torch.Generator().manual_seed(0)
+    tensors = {k: (torch.randn(v.shape, generator=g) * 0.3 if "lora_B" in k else v) for k, v in load_file(weights).items()}
+    save_file(tensors, weights)
     prompts = ["3 plus 4 is", "11 plus 2 is", "7 plus"]
     (hub / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
     result = invoke("generate", adapter, "--prompts", hub / "prompts.jsonl", "--max-new-tokens", "8", "--json")
