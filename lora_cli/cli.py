@@ -413,9 +413,14 @@ def eval_command(
     model_code: Optional[str] = _CODE,
     model_path: Optional[str] = _CODE_PATH,
     trust_adapter_code: bool = _TRUST,
+    generate: bool = typer.Option(False, "--generate", help="causal_lm: score greedy answers' exact match too."),
+    plot: Optional[List[Path]] = typer.Option(None, "--plot", metavar="RUN_DIR", help="Overlay these runs' curves "
+                                              "in SOURCE (a .png).", show_default=False),
     version: bool = _version_option(),
 ) -> None:
     """Measure the base model and base+adapter side by side on held-out data."""
+    if plot:
+        return plot_runs(source, plot)
     from .console import show_comparison, show_json, show_model_code
     from .run.compare import compare, model_code_for
     from .run.meta import CodeChoice
@@ -426,6 +431,9 @@ def eval_command(
         show_model_code(code)
     result = compare(source, data=data, merged=merged, base=base, batch_size=batch_size,
                      check_base=not ignore_fingerprint, code=code)
+    if generate:
+        return eval_generation(result, source, as_json, data=data, merged=merged, base=base, code=code,
+                               batch_size=batch_size or 16, check_base=not ignore_fingerprint)
     if as_json:
         show_json(result.as_dict())
     else:
@@ -451,6 +459,10 @@ def _group(version: bool = _version_option()) -> None:
 app.command("train", epilog=TRAIN_EXAMPLES)(train_command)
 app.command("merge", epilog=MERGE_EXAMPLES)(merge_command)
 app.command("eval", epilog=EVAL_EXAMPLES)(eval_command)
+from .cli_generate import GENERATE_EXAMPLES, eval_generation, generate_command, plot_runs  # noqa: E402 (uses the above)
+generate_app = _app("Complete prompts with a trained adapter.")
+generate_app.command(epilog=GENERATE_EXAMPLES)(generate_command)
+app.command("generate", epilog=GENERATE_EXAMPLES)(generate_command)
 
 
 def main() -> None:

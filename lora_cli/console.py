@@ -217,6 +217,11 @@ class ProgressReporter:
         text = _literal(f"eval @ step {row['step']}: {metrics}")
         _line(text, self.progress.console if self.progress else self.console)
 
+    def sampled(self, rows: list[dict]) -> None:
+        for row in rows:
+            _line(f"  [dim]{_literal(row['prompt'].rstrip())}[/] -> {_literal(repr(row['completion']))}",
+                  self.progress.console if self.progress else self.console)
+
     def finish(self) -> None:
         if self.progress is not None:
             self.progress.stop()
@@ -246,7 +251,23 @@ def show_train_result(result) -> None:
         base, final = result.eval_base["loss"], result.eval_final["loss"]
         table.add_row("eval loss", f"{_num(final)} (base {_num(base)}, {100 * (final - base) / base:+.1f}%)"
                       if base else _num(final))
+    if len(result.losses) > 1:
+        from .run.curves import sparkline
+        table.add_row("loss curve", f"{sparkline(result.losses)} {_num(result.losses[0])} -> {_num(result.losses[-1])}")
+    if result.exact_final is not None:
+        e, b = result.exact_final, result.exact_base
+        table.add_row("exact match", f"{100 * e['exact_match']:.1f} % of {e['n']:,} held-out answers"
+                      + (f" (base {100 * b['exact_match']:.1f} %)" if b else ""))
+    if result.curves is not None:
+        table.add_row("curves", _literal(str(result.curves)))
     out.print(table)
+    if result.samples_last:
+        samples = Table(title="samples (first evaluation / last)", title_justify="left", show_lines=True)
+        for name in ("prompt", f"step {result.samples_first[0]['step']}", f"step {result.samples_last[0]['step']}"):
+            samples.add_column(name, overflow="fold")
+        for first, last in zip(result.samples_first, result.samples_last):
+            samples.add_row(*(_literal(t) for t in (first["prompt"].rstrip(), first["completion"], last["completion"])))
+        out.print(samples)
 
 
 def show_json(data) -> None:
@@ -373,3 +394,59 @@ def show_memory(est, limit_gb: float | None = None) -> None:
         else:
             _line(f"--memory-limit {limit_gb:g} GB: no batch fits (the weights, gradients and optimizer alone "
                   f"take {_mb(est.fixed)}); try model.quantize, train.strategy=fsdp or a smaller model")
+
+
+class StreamPrinter:
+    """lora-generate's output as it is made: each prompt dimmed, its completion after it."""
+
+    def __init__(self, prompts: list[str]):
+        self.prompts, self.current = prompts, -1
+
+    def _start(self, i: int) -> None:
+        if self.current >= 0:
+            out.file.write("\n")
+        self.current = i
+        out.print(_literal(self.prompts[i]), style="dim", end="", soft_wrap=True)
+
+    def piece(self, i: int, text: str) -> None:
+        while self.current < i:
+            self._start(self.current + 1)
+        out.file.write(text.translate(_CONTROL))
+        out.file.flush()
+
+    def finish(self) -> None:
+        while self.current < len(self.prompts) - 1:
+            self._start(self.current + 1)
+        out.file.write("\n")
+        out.file.flush()
+
+
+def show_completions(completions, label: str = "adapted") -> None:
+    """lora-generate --compare: the base's and the adapted model's completions side by side."""
+    table = Table(show_lines=True)
+    for name in ("prompt", "base", label) + (("expected",) if any(c.answer is not None for c in completions) else ()):
+        table.add_column(name, overflow="fold")
+    for c in completions:
+        row = [c.prompt.rstrip("\n"), c.base or "", c.completion]
+        table.add_row(*(_literal(t) for t in row + ([c.answer or ""] if len(table.columns) == 4 else [])))
+    out.print(table)
+
+
+def show_json_lines(rows) -> None:
+    """One JSON object per line on stdout."""
+    for row in rows:
+        sys.stdout.write(json.dumps(row) + "\n")
+
+
+def show_generation_scores(scores, label: str = "adapted") -> None:
+    """lora-eval --generate: match rates of greedy answers, base and adapted, and the worst misses."""
+    table = Table(title=f"greedy answers ({scores.adapted['n']:,} prompts, up to {scores.max_new_tokens} new tokens)",
+                  title_justify="left")
+    for name, justify in (("match", "left"), ("base", "right"), (label, "right")):
+        table.add_column(name, justify=justify)
+    for key in ("exact_match", "normalized_match"):
+        table.add_row(key, f"{100 * scores.base[key]:.1f} %", f"{100 * scores.adapted[key]:.1f} %")
+    out.print(table)
+    for w in scores.worst:
+        _line(f"[dim]{_literal(w['prompt'].rstrip())}[/] expected {_literal(repr(w['answer']))}, got "
+              f"{_literal(repr(w['adapted']))}")

@@ -177,6 +177,10 @@ def test_the_readme_figures_are_what_the_code_produces(tmp_path, monkeypatch):
                                         r"model's ([\d,]+)", quick)
     assert int(trainable.replace(",", "")) == qs.summary.trainable and int(total.replace(",", "")) == qs.summary.total
     assert _agrees(percent, 100 * qs.summary.trainable / qs.summary.total)
+    exact_base, exact_final = _figure(r"exactly right \(`eval.exact_match` in the config\): base ([\d.]+) %, "
+                                      r"adapter ([\d.]+) %", quick)
+    assert float(exact_base) == round(100 * qs.exact_base["exact_match"], 1)
+    assert float(exact_final) == round(100 * qs.exact_final["exact_match"], 1)
     base, final, steps = _figure(r"falls from ([\d.]+) \(the base\) to ([\d.]+) after (\d+) steps", quick)
     assert _agrees(base, qs.eval_base["loss"]) and _agrees(final, qs.eval_final["loss"])
     assert int(steps) == qs.steps

@@ -75,7 +75,8 @@ def _render(obj: dict, text_field: str, tokenizer, where: str) -> tuple[str, str
 
     Records: ``{text_field: ...}``; ``{"prompt", "completion"}``; ``{"instruction",
     "input" (optional), "output"}``; ``{"messages": [{"role", "content"}, ...]}`` ending
-    with an assistant turn (rendered with the tokenizer's chat template when it has one).
+    with an assistant turn (rendered with the tokenizer's chat template when it has one; with
+    several assistant turns, :func:`_example` trains on each, see :func:`_turns`).
     """
     formats = [name for name, keys in (("text", (text_field,)), ("prompt/completion", ("prompt", "completion")),
                                        ("instruction/output", ("instruction", "output")),
@@ -131,11 +132,62 @@ def _render_messages(messages, tokenizer, where: str) -> tuple[str, str]:
     return history + "assistant: ", messages[-1]["content"]
 
 
+def render_history(history: list[dict], tokenizer) -> str:
+    """The conversation ``history`` as the prompt of the assistant's next turn: the
+    tokenizer's chat template where it has one, else the plain ``role: text`` layout
+    training uses."""
+    render = getattr(tokenizer, "render_chat", None)
+    if render is not None:
+        return render([*history, {"role": "assistant", "content": ""}])[0]
+    return "".join(f"{m['role']}: {m['content']}\n" for m in history) + "assistant: "
+
+
 def with_bos(tokenizer, ids: list[int]) -> list[int]:
     """``ids`` led by the tokenizer's beginning-of-sequence tokens (``bos_ids``, often
     none), unless the text already began with them (a chat template that writes BOS)."""
     bos = list(getattr(tokenizer, "bos_ids", ()))
     return ids if not bos or ids[:len(bos)] == bos else bos + ids
+
+
+def _turns(messages: list[dict], tokenizer) -> list[tuple[str, bool]] | None:
+    """A conversation with several assistant turns as (text, trained) segments: every
+    assistant message's content is trained, the turns of the system and the user and the
+    template's markup are not. Each turn's prompt is the conversation before it rendered
+    as generation renders it (:func:`render_history`). None for a single assistant turn
+    (the prompt/answer path), or when a chat template renders earlier turns differently
+    once later ones follow (then only the last turn is trained, as the prompt/answer path
+    does)."""
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if len(turns) < 2:
+        return None
+    segments, done = [], ""
+    for i in turns:
+        prefix = render_history(messages[:i], tokenizer)
+        if not prefix.startswith(done):
+            return None
+        segments += [(prefix[len(done):], False), (messages[i]["content"], True)]
+        done = prefix + messages[i]["content"]
+    return segments
+
+
+def _encode_turns(segments: list[tuple[str, bool]], tokenizer, train_on_prompt: bool) -> tuple[list[int], list[int], bool]:
+    """(ids, mask, exact) of :func:`_turns`' segments, each tokenized as it follows the
+    text before it (exact: the tokens of the text so far never changed), BOS first and
+    eos after the last answer."""
+    ids: list[int] = []
+    mask: list[int] = []
+    text, exact = "", True
+    for piece, trained in segments:
+        joint = list(tokenizer.encode(text + piece))
+        if joint[:len(ids)] == ids:
+            new = joint[len(ids):]
+        else:
+            new, exact = list(tokenizer.encode(piece)), False
+        ids += new
+        mask += [int(trained or train_on_prompt)] * len(new)
+        text += piece
+    bos = with_bos(tokenizer, ids)[:len(with_bos(tokenizer, ids)) - len(ids)]
+    return bos + ids + [tokenizer.eos_id], [int(train_on_prompt)] * len(bos) + mask + [1], exact
 
 
 def _example(obj: dict, text_field: str, tokenizer, where: str,
@@ -145,7 +197,10 @@ def _example(obj: dict, text_field: str, tokenizer, where: str,
     with the tokenizer's BOS where it has one."""
     prompt, answer = _render(obj, text_field, tokenizer, where)
     exact = True
-    if answer is None:
+    segments = _turns(obj["messages"], tokenizer) if "messages" in obj else None
+    if segments is not None:
+        ids, mask, exact = _encode_turns(segments, tokenizer, train_on_prompt)
+    elif answer is None:
         ids = with_bos(tokenizer, list(tokenizer.encode(prompt))) + [tokenizer.eos_id]
         mask = [1] * len(ids)
     else:

@@ -160,6 +160,25 @@ class TrainSection:
 
 
 @dataclass(kw_only=True)
+class EvalSection:
+    """What each evaluation shows besides the held-out metrics."""
+
+    samples: int = _field(0, "causal_lm: greedily complete this many fixed held-out prompts at each evaluation, "
+                          "shown under its line and appended to output_dir/samples.jsonl (>= 0).")
+    max_new_tokens: int = _field(64, "Tokens each sample may generate at most (>= 1).")
+    exact_match: bool = _field(False, "causal_lm: greedily complete every held-out prompt before training and "
+                               "after it, and report how many answers come out exactly (base vs adapted).")
+
+
+@dataclass(kw_only=True)
+class LogSection:
+    """Where the run's metrics go besides metrics.jsonl and curves.png."""
+
+    tensorboard: bool = _field(False, "Also write TensorBoard event files into output_dir/tensorboard "
+                               "(the tensorboard package).")
+
+
+@dataclass(kw_only=True)
 class Config:
     """One training run: the model, the data, the adapters and the loop."""
 
@@ -173,6 +192,8 @@ class Config:
     data: DataSection = _field(doc="The training and evaluation data.")
     lora: LoraSection = _field(LoraSection, "The LoRA adapters.")
     train: TrainSection = _field(TrainSection, "The training loop.")
+    eval: EvalSection = _field(EvalSection, "Samples decoded at each evaluation.")
+    log: LogSection = _field(LogSection, "Extra logs.")
 
 
 class FieldInfo(NamedTuple):

@@ -41,7 +41,9 @@ from . import distributed as dist
 from . import lm_loss
 from .build import autocast_for, batches
 from .config import config_to_dict
+from .board import Board
 from .evaluate import evaluate, forward, ignore_rows, loss_fn, loss_items
+from .samples import Sampler
 from .meta import adapter_metadata, peft_fields
 from .rng import rng_state, set_rng_state
 
@@ -150,6 +152,12 @@ class Run:
         self.log = None                                     # metrics.jsonl, opened when the loop starts
         self.eval_seconds = self.checkpoint_seconds = 0.0   # time spent beside the training steps
         self.window: list[Step] = []                        # the steps since the last log row, not yet read
+        # eval.samples (one process: generation needs the whole model) and log.tensorboard, on rank 0
+        self.sampler = None if world.distributed else Sampler.of(cfg, self.data.tokenizer, out)
+        if world.distributed and world.is_main and (cfg.eval.samples or cfg.eval.exact_match):
+            p.built.notes.append("eval.samples and eval.exact_match are skipped with several workers: run "
+                                 "lora-generate or lora-eval --generate on the adapter")
+        self.board = Board(out / "tensorboard") if cfg.log.tensorboard and world.is_main else None
         torch.manual_seed(cfg.seed + world.rank)            # dropout masks differ between workers
 
     def restore(self, restored: ckpt.Restored) -> list[str]:
@@ -203,6 +211,8 @@ class Run:
                 self.after_step(epoch_done, received)
         if data.eval is not None and loop.last_eval_step != loop.step:
             loop.eval_final = self.evaluate()
+        if self.sampler is not None:
+            self.sampler.finish(dist.inner(self.engine), self.autocast)
         self.reporter.finish()
         return time.perf_counter() - started
 
@@ -349,8 +359,10 @@ class Run:
         row = {"step": loop.step, "epoch": round(loop.step / self.p.steps_per_epoch, 4),
                **{f"eval_{k}": v for k, v in metrics.items() if k not in ("confusion", "n")}}
         self.write_row(row)
-        self.eval_seconds += time.perf_counter() - started
         self.reporter.evaluated(row)
+        if self.sampler is not None:
+            self.reporter.sampled(self.sampler.take(dist.inner(self.engine), loop.step, self.autocast))
+        self.eval_seconds += time.perf_counter() - started
         loop.last_eval_step = loop.step
         return metrics
 
@@ -359,6 +371,8 @@ class Run:
             try:
                 self.log.write(json.dumps(row) + "\n")
                 self.log.flush()
+                if self.board is not None:
+                    self.board.add(row)
             except OSError as exc:
                 raise write_error(exc, self.out / "metrics.jsonl", "metrics.jsonl") from None
 
@@ -425,6 +439,9 @@ class Run:
                              "from that copy")
 
     def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
+            self.board = None
         if self.log is not None:
             try:
                 self.log.close()

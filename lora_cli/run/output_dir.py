@@ -24,10 +24,11 @@ from . import checkpoint as ckpt
 from .config import Config, dump_config
 from .lock import run_lock
 
-OWNED = ("adapter", "config.yaml", "metrics.jsonl", ckpt.DIRNAME, ckpt.UNSAVED)   # what a run writes into output_dir
+OWNED = ("adapter", "config.yaml", "metrics.jsonl", ckpt.DIRNAME, ckpt.UNSAVED,   # what a run writes into output_dir
+         "samples.jsonl", "curves.png", "tensorboard")
 
 
-LEFTOVERS = ("config.yaml", "metrics.jsonl")   # what a run leaves that ends before its first checkpoint
+LEFTOVERS = ("config.yaml", "metrics.jsonl", "samples.jsonl")   # what a run leaves that ends before its first checkpoint
 
 
 def prepare_output_dir(path: Path, overwrite: bool, inputs: list[str] = ()) -> list[str]:

@@ -41,6 +41,7 @@ class Reporter(Protocol):
     def start(self, plan: "Plan") -> None: ...
     def step(self, step: int, epoch: int, row: dict | None) -> None: ...
     def evaluated(self, row: dict) -> None: ...
+    def sampled(self, rows: list[dict]) -> None: ...
     def finish(self) -> None: ...
 
 
@@ -48,6 +49,7 @@ class _Silent:
     def start(self, plan): pass
     def step(self, step, epoch, row): pass
     def evaluated(self, row): pass
+    def sampled(self, rows): pass
     def finish(self): pass
 
 
@@ -97,6 +99,12 @@ class TrainResult:
     weight_bytes: int = 0       # the model's parameters (fsdp gathers them in each forward and backward)
     eval_seconds: float = 0.0   # of ``seconds``, spent evaluating (the base's evaluation included)
     checkpoint_seconds: float = 0.0   # of ``seconds``, spent writing checkpoints
+    losses: list[float] = field(default_factory=list)       # the logged train losses, in order (the sparkline)
+    curves: Path | None = None        # output_dir/curves.png (None: matplotlib is not installed)
+    samples_first: list[dict] = field(default_factory=list)  # eval.samples at the first evaluation (the base's)
+    samples_last: list[dict] = field(default_factory=list)   # and at the last
+    exact_base: dict | None = None    # eval.exact_match: match rates before training (the base's)
+    exact_final: dict | None = None   # and after it
 
     @property
     def train_seconds(self) -> float:
@@ -219,13 +227,34 @@ def train(cfg: Config, *, reporter: Reporter | None = None, overwrite: bool = Fa
     if not world.distributed:
         p.built.model.to("cpu")
     loop, base = run.loop, p.cfg.model.base or p.cfg.model.hf
+    losses, curves = _curves(out, p.built.notes) if world.is_main else ([], None)
+    sampler = run.sampler
     return TrainResult(output_dir=out, adapter_dir=adapter_dir, steps=loop.step,
                        epochs=loop.step / p.steps_per_epoch, seconds=seconds, train_loss=loop.last_loss,
                        eval_base=loop.eval_base, eval_final=loop.eval_final, summary=p.summary,
                        adapter_bytes=adapter_bytes, base_bytes=_size_on_disk(base) if base else None,
                        notes=p.built.notes, world=world, global_batch=p.global_batch,
                        gradient_bytes=run.gradient_bytes, weight_bytes=run.weight_bytes,
-                       eval_seconds=run.eval_seconds, checkpoint_seconds=run.checkpoint_seconds)
+                       eval_seconds=run.eval_seconds, checkpoint_seconds=run.checkpoint_seconds,
+                       losses=losses, curves=curves, samples_first=sampler.first if sampler else [],
+                       samples_last=sampler.last if sampler else [],
+                       exact_base=sampler.first_scores if sampler else None,
+                       exact_final=sampler.last_scores if sampler else None)
+
+
+def _curves(out: Path, notes: list[str]) -> tuple[list[float], Path | None]:
+    """The logged train losses, and output_dir/curves.png drawn from metrics.jsonl (None,
+    with a note, without matplotlib or when it cannot be written: the adapter is saved)."""
+    from .curves import read_metrics, series, write_curves
+    rows = read_metrics(out)
+    try:
+        curves = write_curves(out)
+    except OSError as exc:
+        notes.append(f"curves.png not written: {exc.strerror or exc}")
+        return series(rows, "loss")[1], None
+    if curves is None:
+        notes.append('curves.png not drawn: matplotlib is not installed (pip install "lora-cli[plot]")')
+    return series(rows, "loss")[1], curves
 
 
 def _size_on_disk(path: str) -> int:

@@ -10,6 +10,7 @@ collected, so :func:`lora_cli.run.config.config_from_dict` reports them all at o
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
 import re
@@ -78,6 +79,8 @@ RULES: dict[str, Rule] = {
     "train.loraplus_lr_ratio": Rule(min=0, max=_F32_MAX, min_open=True),
     "lora.layers_to_transform": Rule(min=0, nonempty=True),
     "lora.layers_pattern": Rule(nonempty=True),
+    "eval.samples": Rule(min=0),
+    "eval.max_new_tokens": Rule(min=1),
 }
 
 
@@ -259,6 +262,16 @@ def check_together(values: dict, problems: list[str], check_files: bool) -> None
         if file and allowed and suffix not in allowed:
             problems.append(f"{path}: unsupported file type {suffix or '(none)'!r} for task {task!r}, "
                             f"expected {' or '.join(allowed)}")
+    samples, log = values.get("eval", {}).get("samples") or values.get("eval", {}).get("exact_match"), \
+        values.get("log", {})
+    if samples and task in choices.TASKS and task != "causal_lm":
+        problems.append(f"eval.samples, eval.exact_match: only a causal_lm model generates text, the task is "
+                        f"{task!r}; leave them out")
+    elif samples and data.get("eval") is None and data.get("val_split") is None and "train" in data:
+        problems.append("eval.samples, eval.exact_match: need held-out prompts; set data.eval or data.val_split")
+    if log.get("tensorboard") and importlib.util.find_spec("tensorboard") is None:
+        problems.append("log.tensorboard: needs the tensorboard package (pip install tensorboard); or set it "
+                        "to false")
     if check_files:
         hf = model.get("hf")
         if hf and not os.path.isdir(hf):
