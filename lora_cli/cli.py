@@ -7,8 +7,6 @@ becomes one red message and exit code 2; anything else is a bug and keeps its tr
 
 from __future__ import annotations
 
-import errno
-import functools
 import math
 import os
 from pathlib import Path
@@ -17,28 +15,9 @@ from typing import List, Optional
 import typer
 
 from .choices import DTYPES
+from .cli_generate import GENERATE_EXAMPLES, eval_generation, generate_command, plot_runs
+from .command import _CODE, _CODE_PATH, _TRUST, _app, _examples, _user_errors, _version_option
 from .errors import UserError
-
-EXAMPLE_WIDTH = 76
-
-
-def _examples(*commands: str) -> str:
-    """A --help epilog listing ``commands``, one per line, each line at most 76 characters
-    (80 columns with click's indent): a long command is broken between arguments with a
-    shell continuation, so it copy-pastes as one command. The \\b keeps click from
-    rewrapping the lines."""
-    lines = []
-    for command in commands:
-        words, line = command.split(" "), ""
-        for word in words:
-            if line and len(line) + 1 + len(word) > EXAMPLE_WIDTH - 2:      # room for " \\"
-                lines.append(line + " \\")
-                line = "    " + word
-            else:
-                line = f"{line} {word}" if line else word
-        lines.append(line)
-    return "Examples:\n\n\b\n" + "\n".join(lines) + "\n"
-
 
 TRAIN_COMMANDS = (
     "lora-train configs/quickstart.yaml",
@@ -53,61 +32,6 @@ TRAIN_COMMANDS = (
     "lora-train --init quickstart my-run && lora-train my-run/quickstart.yaml",
 )
 TRAIN_EXAMPLES = _examples(*TRAIN_COMMANDS)
-
-
-def _version(value: bool) -> None:
-    """--version: lora-cli's version, and torch's and Python's (torch is not imported)."""
-    if not value:
-        return
-    import platform
-    from importlib.metadata import PackageNotFoundError, version
-
-    from . import __version__
-    try:
-        torch = f"torch {version('torch')}"
-    except PackageNotFoundError:
-        torch = "torch not installed"
-    typer.echo(f"lora-cli {__version__} ({torch}, Python {platform.python_version()})")
-    raise typer.Exit()
-
-
-def _version_option():
-    return typer.Option(False, "--version", callback=_version, is_eager=True,
-                        help="Show lora-cli's version and exit.")
-
-
-# A path the system refuses before any file is opened: a user error wherever it is met.
-_PATH_ERRNOS = (errno.ENAMETOOLONG, errno.EACCES, errno.EPERM, errno.ELOOP)
-
-
-def _user_errors(fn):
-    """Turn a UserError (or a path the system refuses to look up) into one message and
-    exit code 2."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            try:
-                return fn(*args, **kwargs)
-            except OSError as exc:
-                if exc.errno not in _PATH_ERRNOS or exc.filename is None:
-                    raise
-                raise UserError(f"cannot use this path: {exc.strerror}", where=str(exc.filename)[:300],
-                                fix="check the path: each name in it at most 255 bytes, in folders you may "
-                                    "read") from None
-        except UserError as exc:
-            from .console import show_error
-            rank = os.environ.get("RANK", "0") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "0"
-            show_error(exc, prefix=f"rank {rank}: " if rank != "0" else "")   # under torchrun, before joining
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            typer.echo("interrupted", err=True)
-            raise typer.Exit(130) from None
-    return wrapper
-
-
-def _app(help_text: str) -> typer.Typer:
-    return typer.Typer(add_completion=False, help=help_text, rich_markup_mode=None,
-                       context_settings={"help_option_names": ["-h", "--help"]})
 
 
 @_user_errors
@@ -274,22 +198,6 @@ def _resume_command(config: Path, overrides: Optional[List[str]], workers: int =
     import shlex
     launch = ["--nproc-per-node", str(workers)] if workers > 1 else []
     return " ".join(shlex.quote(a) for a in ["lora-train", str(config), *(overrides or []), *launch, "--resume"])
-
-
-def _model_code_options():
-    """--model-code, --model-path and --trust-adapter-code: what an adapter's own model class may import."""
-    return (
-        typer.Option(None, "--model-code", metavar="MODULE:CLASS", help="Build the adapter's model (one "
-                     "trained with model.class_path) from this class of yours. Nothing an adapter names is "
-                     "imported without this or --trust-adapter-code.", show_default=False),
-        typer.Option(None, "--model-path", metavar="DIR", help="The folder to import --model-code from "
-                     "(default: the current directory); never one the adapter names.", show_default=False),
-        typer.Option(False, "--trust-adapter-code", help="Import the class_path the adapter records (from "
-                     "--model-path); what is imported from where is printed first."),
-    )
-
-
-_CODE, _CODE_PATH, _TRUST = _model_code_options()
 
 
 MERGE_COMMANDS = (
@@ -459,7 +367,6 @@ def _group(version: bool = _version_option()) -> None:
 app.command("train", epilog=TRAIN_EXAMPLES)(train_command)
 app.command("merge", epilog=MERGE_EXAMPLES)(merge_command)
 app.command("eval", epilog=EVAL_EXAMPLES)(eval_command)
-from .cli_generate import GENERATE_EXAMPLES, eval_generation, generate_command, plot_runs  # noqa: E402 (uses the above)
 generate_app = _app("Complete prompts with a trained adapter.")
 generate_app.command(epilog=GENERATE_EXAMPLES)(generate_command)
 app.command("generate", epilog=GENERATE_EXAMPLES)(generate_command)

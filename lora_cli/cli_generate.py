@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from .cli import _CODE, _CODE_PATH, _TRUST, _examples, _user_errors, _version_option
+from .command import _CODE, _CODE_PATH, _TRUST, _examples, _user_errors, _version_option
 
 GENERATE_COMMANDS = (
     "lora-generate runs/quickstart/adapter --prompt 'name=alice age=31\\n'",

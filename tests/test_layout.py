@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lora_cli"
-LEVELS = {"lora": 0, "errors": 0, "choices": 0, "models": 1, "data": 1, "run": 2, "cli_generate": 3,
+LEVELS = {"lora": 0, "errors": 0, "choices": 0, "models": 1, "data": 1, "run": 2, "cli_generate": 3, "command": 3,
           "console": 3, "examples": 3, "cli": 3, "__main__": 3, "__init__": 3}
 
 
