@@ -116,7 +116,11 @@ def shape_of(value, depth: int = 0):
 
 
 # Fields added since a release, on purpose; everything else must be as it was.
-ADDED_SINCE = {"lora-cli-0.1.0": {"trainer_state.json": {"inputs"}}, "before-restructure": {}}
+# layers_to_transform / layers_pattern: PEFT's own LoraConfig fields, written (null: every layer)
+# since lora.layers_to_transform exists.
+_PEFT_LAYER_FIELDS = {"layers_to_transform", "layers_pattern"}
+ADDED_SINCE = {"lora-cli-0.1.0": {"trainer_state.json": {"inputs"}, "adapter_config.json": _PEFT_LAYER_FIELDS},
+               "before-restructure": {"adapter_config.json": _PEFT_LAYER_FIELDS}}
 
 
 @pytest.mark.slow
@@ -128,8 +132,10 @@ def test_the_files_written_today_have_the_fixtures_format(today, name):
         assert header(today / where / WEIGHTS) == header(old / where / WEIGHTS), where
         new_cfg = json.loads((today / where / "adapter_config.json").read_text())
         old_cfg = json.loads((old / where / "adapter_config.json").read_text())
-        assert set(new_cfg) == set(old_cfg) and set(new_cfg["lora_cli"]) == set(old_cfg["lora_cli"]), where
-        assert {k: v for k, v in new_cfg.items() if k not in ("lora_cli", "base_model_name_or_path")} == \
+        assert set(new_cfg) - set(old_cfg) == added.get("adapter_config.json", set()), where
+        assert set(old_cfg) <= set(new_cfg) and set(new_cfg["lora_cli"]) == set(old_cfg["lora_cli"]), where
+        assert all(new_cfg[k] is None for k in added.get("adapter_config.json", set()))     # defaults: no change
+        assert {k: v for k, v in new_cfg.items() if k in old_cfg and k not in ("lora_cli", "base_model_name_or_path")} == \
                {k: v for k, v in old_cfg.items() if k not in ("lora_cli", "base_model_name_or_path")}
     assert sorted(p.name for p in (today / "checkpoints/step_4").iterdir()) == \
         sorted(p.name for p in (old / "checkpoints/step_4").iterdir())
@@ -137,7 +143,9 @@ def test_the_files_written_today_have_the_fixtures_format(today, name):
     old_state = json.loads((old / "checkpoints/step_4/trainer_state.json").read_text())
     assert set(new_state) - set(old_state) == added.get("trainer_state.json", set())
     assert set(old_state) <= set(new_state)
-    assert set(new_state["config"]) == set(old_state["config"])
+    # eval (samples, exact match) and log (tensorboard): config sections added since, defaults off
+    assert set(new_state["config"]) - set(old_state["config"]) == {"eval", "log"}
+    assert set(old_state["config"]) <= set(new_state["config"])
     new_pt = torch.load(today / "checkpoints/step_4/trainer_state.pt", weights_only=True)
     old_pt = torch.load(old / "checkpoints/step_4/trainer_state.pt", weights_only=True)
     assert set(new_pt) == set(old_pt)

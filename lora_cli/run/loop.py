@@ -43,7 +43,7 @@ from .build import autocast_for, batches
 from .config import config_to_dict
 from .board import Board
 from .evaluate import evaluate, forward, ignore_rows, loss_fn, loss_items
-from .samples import Sampler
+from .samples import Sampler, has_heldout
 from .meta import adapter_metadata, peft_fields
 from .rng import rng_state, set_rng_state
 
@@ -157,6 +157,9 @@ class Run:
         if world.distributed and world.is_main and (cfg.eval.samples or cfg.eval.exact_match):
             p.built.notes.append("eval.samples and eval.exact_match are skipped with several workers: run "
                                  "lora-generate or lora-eval --generate on the adapter")
+        elif (cfg.eval.samples or cfg.eval.exact_match) and cfg.task == "causal_lm" and not has_heldout(cfg):
+            p.built.notes.append("eval.samples and eval.exact_match are skipped: there is no held-out data "
+                                 "(set data.eval or data.val_split to have them)")
         self.board = Board(out / "tensorboard") if cfg.log.tensorboard and world.is_main else None
         torch.manual_seed(cfg.seed + world.rank)            # dropout masks differ between workers
 

@@ -18,6 +18,11 @@ from ..models.generation import Sampling, generate
 from .answers import heldout_records, match_rates
 
 
+def has_heldout(cfg) -> bool:
+    """Whether the config holds out data to complete: an eval file, or a val_split of train."""
+    return bool(cfg.data.eval or cfg.data.val_split)
+
+
 @dataclass
 class Sampler:
     """N fixed prompts and where their completions are written."""
@@ -37,6 +42,8 @@ class Sampler:
     def of(cls, cfg, tokenizer, out: Path | None) -> "Sampler | None":
         """The sampler ``cfg.eval`` asks for, or None (no samples, or not a causal LM)."""
         if not (cfg.eval.samples or cfg.eval.exact_match) or cfg.task != "causal_lm" or tokenizer is None:
+            return None
+        if not has_heldout(cfg):      # data.eval=null on the command line: skipped, with a note (see Run)
             return None
         records = heldout_records(cfg, None, tokenizer, answers=cfg.eval.exact_match)
         return cls(records[:cfg.eval.samples], tokenizer, out / "samples.jsonl" if out is not None else None,

@@ -267,9 +267,6 @@ def check_together(values: dict, problems: list[str], check_files: bool) -> None
     if samples and task in choices.TASKS and task != "causal_lm":
         problems.append(f"eval.samples, eval.exact_match: only a causal_lm model generates text, the task is "
                         f"{task!r}; leave them out")
-    elif samples and data.get("eval") is None and data.get("val_split") is None and "train" in data:
-        problems.append("eval.samples, eval.exact_match: need held-out prompts; set data.eval or data.val_split, "
-                        "or eval.samples=0 eval.exact_match=false")
     if log.get("tensorboard") and importlib.util.find_spec("tensorboard") is None:
         problems.append("log.tensorboard: needs the tensorboard package (pip install tensorboard); or set it "
                         "to false")
