@@ -59,7 +59,7 @@ def test_memory_limit_goes_with_dry_run(tmp_path):
 
 
 PROBE = r'''
-import gc, json, os, resource, sys
+import gc, json, os, sys
 import torch
 torch.set_num_threads(1)
 from lora_cli.run.config import load_config
@@ -81,7 +81,8 @@ del m, opt
 gc.collect()
 before = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 train(cfg)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# VmHWM: this process's own high-water mark (ru_maxrss would carry the forking parent's across exec)
+peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:")) * 1024
 print(json.dumps(peak - before))
 '''
 
