@@ -163,7 +163,7 @@ def _check_value(value: Any, tp: Any, rule: Rule, path: str, problems: list[str]
         lo, hi = rule.min, rule.max
         ok = ((lo is None or (converted > lo if rule.min_open else converted >= lo))
               and (hi is None or (converted < hi if rule.max_open else converted <= hi)))
-    if rule.nonempty and len(converted) == 0:
+    if rule.nonempty and hasattr(converted, "__len__") and len(converted) == 0:
         ok = False
     if ok:
         return converted
